@@ -1,0 +1,131 @@
+"""The model users load: one image side, one text side per language, routed by ``lang=``.
+
+Several packs load into one model only if they share an image space (the same anchor); the
+frozen towers are one copy however many languages are loaded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mlilt.build import build_sides, load_state_strict
+from mlilt.data.feature_cache import tower_features
+from mlilt.encode import encode_texts
+from mlilt.errors import PackError, UsageError
+from mlilt.model import SideEncoder
+from mlilt.packs import Pack, PackConfig, check_tower, read_pack
+from mlilt.towers.registry import load_image_tower, load_text_tower
+
+DEFAULT_TEMPLATES = ("{}",)
+
+
+@dataclass
+class ZeroShotResult:
+    probs: torch.Tensor  # [images, classes]
+    labels: list[str]  # the predicted class name per image
+
+
+class MliltModel(nn.Module):
+    def __init__(self, image: SideEncoder, texts: dict[str, SideEncoder], configs: dict[str, PackConfig],
+                 logit_scale: float):
+        super().__init__()
+        self.image = image
+        self.texts = nn.ModuleDict(texts)
+        self.configs = configs
+        self.logit_scale = logit_scale
+        self.eval()
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.texts)
+
+    def _text_side(self, lang: str) -> SideEncoder:
+        if lang not in self.texts:
+            raise UsageError(f"no pack for lang={lang!r} in this model; loaded: {', '.join(self.texts)}")
+        return self.texts[lang]
+
+    def encode_text(self, texts: str | list[str], lang: str, batch_size: int = 64) -> torch.Tensor:
+        """L2-normalised text embeddings [N, D] for captions in ``lang``."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return encode_texts(self._text_side(lang), texts, batch_size)
+
+    def encode_image(self, images, batch_size: int = 32) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] for PIL images, paths or bytes."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        pil = [im for im in images if isinstance(im, Image.Image)]
+        if pil and len(pil) == len(images):
+            pixels = torch.stack([self.image.tower.preprocess(im) for im in images])
+            with torch.no_grad():
+                return torch.cat([self.image(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        if pil:
+            raise UsageError("encode_image: pass either PIL images or paths/bytes, not a mix")
+        with torch.no_grad():
+            return self.image.project(tower_features(self.image.tower, list(images), batch_size))
+
+    def similarity(self, texts, images, lang: str) -> torch.Tensor:
+        """Cosine similarity [texts, images]; accepts raw inputs or embeddings."""
+        text = texts if isinstance(texts, torch.Tensor) else self.encode_text(texts, lang)
+        image = images if isinstance(images, torch.Tensor) else self.encode_image(images)
+        return text @ image.t()
+
+    def zero_shot_classify(self, images, classnames: list[str], lang: str,
+                           templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> ZeroShotResult:
+        """Classify images by their similarity to class prompts in ``lang`` (templates averaged)."""
+        if not classnames:
+            raise UsageError("zero_shot_classify: no class names given")
+        prompts = [template.format(name) for name in classnames for template in templates]
+        text = self.encode_text(prompts, lang).view(len(classnames), len(templates), -1).mean(1)
+        text = torch.nn.functional.normalize(text, dim=-1)
+        probs = (self.logit_scale * self.similarity(text, images, lang).t()).softmax(-1)
+        return ZeroShotResult(probs, [classnames[i] for i in probs.argmax(-1).tolist()])
+
+
+def load(*packs: str | os.PathLike) -> MliltModel:
+    """Load one or more language packs (names from an index, or folders) into one model."""
+    if not packs:
+        raise UsageError("mlilt.load: name at least one pack (a folder or an indexed name such as 'sw')")
+    read = [read_pack(p) for p in packs]
+    _check_same_image_space(read)
+    image = image_side_of(read[0])
+    texts, configs = {}, {}
+    for pack in read:
+        lang = pack.config.language
+        if lang in texts:
+            raise UsageError(f"two packs for lang={lang!r}: {configs[lang]} and {pack.path}")
+        texts[lang] = text_side_of(pack)
+        configs[lang] = pack.config
+    scale = float(read[0].tensors["logit_scale"].exp().clamp(max=100.0)) if "logit_scale" in read[0].tensors else 1.0
+    return MliltModel(image, texts, configs, scale)
+
+
+def _check_same_image_space(packs: list[Pack]) -> None:
+    first = packs[0]
+    for pack in packs[1:]:
+        if pack.config.image_side_id != first.config.image_side_id:
+            raise PackError(f"{pack.path} and {first.path} live in different image spaces "
+                            f"(image sides {pack.config.image_side_id[:12]} vs {first.config.image_side_id[:12]}); "
+                            f"load them separately, or train them against the same --anchor")
+
+
+def image_side_of(pack: Pack, tower=None) -> SideEncoder:
+    """The image side a pack defines, rebuilt on its image tower and frozen."""
+    tower = tower or load_image_tower(pack.config.towers["image"]["spec"])
+    check_tower(pack, "image", tower.fingerprint(), tower.spec)
+    sides, _ = build_sides({"image": tower}, pack.config.image_method, pack.config.embed_dim, strict=False)
+    load_state_strict(sides["image"], pack.side_tensors("image"), f"{pack.path} (image side)")
+    sides["image"].freeze()
+    return sides["image"]
+
+
+def text_side_of(pack: Pack) -> SideEncoder:
+    info = pack.config.towers["text"]
+    tower = load_text_tower(info["spec"], **info.get("options", {}))
+    check_tower(pack, "text", tower.fingerprint(), info["spec"])
+    sides, _ = build_sides({"text": tower}, pack.config.method, pack.config.embed_dim, strict=False)
+    load_state_strict(sides["text"], pack.side_tensors("text"), f"{pack.path} (text side)")
+    sides["text"].freeze()
+    return sides["text"]

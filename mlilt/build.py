@@ -1,0 +1,46 @@
+"""Build the encoders a pack needs: tower copies that share the frozen weights, the method
+applied, and a projection per side."""
+from __future__ import annotations
+
+import torch
+
+from mlilt.methods import MethodReport, apply_methods
+from mlilt.model import SideEncoder
+from mlilt.towers.base import Tower
+
+
+def build_sides(towers: dict[str, Tower], method: str, embed_dim: int, frozen_sides: tuple[str, ...] = (),
+                strict: bool = True, seed: int | None = None) -> tuple[dict[str, SideEncoder], MethodReport]:
+    """Encoders for the given sides with ``method`` applied to their tower copies."""
+    if seed is not None:
+        torch.manual_seed(seed)  # method parameters and projections start the same for a seed
+    clones = {side: tower.share_frozen_clone() for side, tower in towers.items()}
+    report = apply_methods(method, clones, frozen_sides=frozen_sides, strict=strict)
+    encoders = {side: SideEncoder(clones[side], embed_dim, base=towers[side]) for side in clones}
+    for side in frozen_sides:
+        if side in encoders:
+            encoders[side].freeze()
+    return encoders, report
+
+
+def load_state_strict(encoder: SideEncoder, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``tensors`` into the encoder's own parameters; names, shapes and dtypes must match."""
+    from mlilt.errors import PackError
+
+    own = encoder.own_state()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise PackError(f"{where}: tensors do not match the method's parameters "
+                        f"(missing: {_few(missing)}; unexpected: {_few(unexpected)})")
+    for name, param in own.items():
+        value = tensors[name]
+        if value.shape != param.shape or value.dtype != param.dtype:
+            raise PackError(f"{where}: tensor {name} is {value.dtype} {tuple(value.shape)}, "
+                            f"expected {param.dtype} {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(tensors[name])
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "none"

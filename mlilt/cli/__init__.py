@@ -1,0 +1,21 @@
+"""The ``mlilt`` command: thin Typer apps over the Python API, one module per group."""
+from __future__ import annotations
+
+import typer
+
+from mlilt.cli import data, packs, towers
+from mlilt.cli.demo import demo_command
+from mlilt.cli.train import train_command
+
+app = typer.Typer(name="mlilt", no_args_is_help=True, add_completion=False,
+                  help="Language packs for CLIP-like image-text models: frozen multilingual towers, "
+                       "a few MB of trained parameters per language.")
+app.command("train")(train_command)
+app.command("demo")(demo_command)
+app.add_typer(data.app, name="data")
+app.add_typer(packs.app, name="packs")
+app.add_typer(towers.app, name="towers")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,67 @@
+"""``mlilt train``: train one language pack."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from mlilt.cli.common import console, user_errors
+from mlilt.methods import DEFAULT_METHOD, describe_methods
+from mlilt.model import DEFAULT_EMBED_DIM
+from mlilt.towers.registry import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+
+METHOD_HELP = ("Parameter-efficient method, parts joined with '+', each NAME[:N][@text|@image]. "
+               "Projections and temperature always train. With --anchor only the text side trains. Methods "
+               "(and the sides they touch):\n\n" + describe_methods().replace("\n", "\n\n")).replace("[", "\\[")
+
+
+@user_errors
+def train_command(
+    lang: Annotated[str, typer.Option(help="Language code of the captions and of the pack, e.g. sw.")],
+    data: Annotated[str, typer.Option(help="Pairs: JSONL/CSV/TSV (image path relative to the file + caption), "
+                                           "parquet/arrow, or a Hugging Face dataset name.")],
+    out: Annotated[str, typer.Option(help="Pack folder to write (atomically).")],
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
+    anchor: Annotated[Optional[str], typer.Option(help="Pack whose image side is reused, frozen: packs on one "
+                                                       "anchor share one image space.")] = None,
+    text_tower: Annotated[str, typer.Option(help="Text tower: me5-small (offline) or a HF name/folder.")] = DEFAULT_TEXT_TOWER,
+    image_tower: Annotated[str, typer.Option(help="Image tower: effnet-lite0 (offline), MODEL:PRETRAINED "
+                                                  "(open_clip), timm:NAME, or a HF vision model.")] = DEFAULT_IMAGE_TOWER,
+    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Pairs per step (in-batch negatives).")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.02,
+    holdout: Annotated[float, typer.Option(help="Images held out for validation: a share (<1) or a count.")] = 0.1,
+    embed_dim: Annotated[int, typer.Option(help="Size of the shared embedding space.")] = DEFAULT_EMBED_DIM,
+    max_length: Annotated[int, typer.Option(help="Caption tokens kept.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, split and order.")] = 0,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count them.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = False,
+):
+    """Train a language pack on image-caption pairs with frozen towers."""
+    from mlilt.train import train
+    from mlilt.train_config import TrainConfig
+
+    config = TrainConfig(lang=lang, data=data, out=out, method=method, anchor=anchor, text_tower=text_tower,
+                         image_tower=image_tower, epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, holdout=holdout, embed_dim=embed_dim, max_length=max_length,
+                         seed=seed, bf16=bf16, skip_bad=skip_bad, overwrite=overwrite)
+    result = train(config, console=console)
+    print_report(result.report)
+    val = result.metrics
+    console.print(f"[green]pack written:[/] {result.pack}  (val mean recall {val['mean_recall']:.1f}, "
+                  f"t2i R@1 {val['image_retrieval_recall@1']:.1f}, i2t R@1 {val['text_retrieval_recall@1']:.1f})")
+
+
+def print_report(report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"trainable parameters ({report.method})")
+    for column in ("side", "trainable", "of tower", "%"):
+        table.add_column(column, justify="right" if column != "side" else "left")
+    for side in report.total:
+        table.add_row(side, f"{report.trainable[side]:,}", f"{report.total[side]:,}", f"{report.percent(side):.3f}")
+    console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")

@@ -1,0 +1,78 @@
+"""On-disk cache of frozen image-tower features.
+
+Frozen means cached: when nothing on the image side's tower trains, its output for an image
+never changes, so it is computed once and reused across epochs, runs, languages and
+benchmarks. A key is (tower fingerprint — weights + config incl. preprocessing — , image
+content hash): a change of tower, preprocessing or pixels can never serve a stale entry.
+Each entry is one small .npy written atomically; a corrupt or partial entry is detected on
+read and recomputed, and concurrent writers only ever replace a file with an equal one.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlilt import atomic
+from mlilt.data.images import ImageLike, image_id, load_image
+from mlilt.paths import cache_dir
+from mlilt.towers.image import ImageTower
+
+
+class FeatureCache:
+    def __init__(self, tower: ImageTower, root: Path | None = None):
+        self.tower = tower
+        self.folder = (root or cache_dir() / "features") / tower.fingerprint()[:24]
+        self.hits = 0
+        self.misses = 0
+
+    def _file(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        try:
+            features = np.load(self._file(key), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None  # absent, partial or corrupt: recompute
+        if features.shape != (self.tower.width,) or features.dtype != np.float32 or not np.isfinite(features).all():
+            return None
+        return features
+
+    def put(self, key: str, features: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, features.astype(np.float32), allow_pickle=False)
+        atomic.write_bytes(self._file(key), buffer.getvalue())
+
+
+def tower_features(tower: ImageTower, images: list[ImageLike], batch_size: int = 32,
+                   cache: FeatureCache | None = None, sources: list[str] | None = None,
+                   progress=None) -> torch.Tensor:
+    """Pooled features [N, width] of a frozen image tower, through the cache when given."""
+    keys = [image_id(img) for img in images] if cache is not None else None
+    found: dict[int, np.ndarray] = {}
+    if cache is not None:
+        for index, key in enumerate(keys):
+            cached = cache.get(key)
+            if cached is not None:
+                found[index] = cached
+        cache.hits += len(found)
+    todo = [i for i in range(len(images)) if i not in found]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        pixels = torch.stack([tower.preprocess(load_image(images[i], sources[i] if sources else None))
+                              for i in chunk])
+        with torch.no_grad():
+            computed = tower(pixels).float().numpy()
+        for i, row in zip(chunk, computed):
+            found[i] = row
+            if cache is not None:
+                cache.put(keys[i], row)
+        if progress is not None:
+            progress(len(chunk))
+    if cache is not None:
+        cache.misses += len(todo)
+    if not images:
+        return torch.empty(0, tower.width)
+    return torch.from_numpy(np.stack([found[i] for i in range(len(images))]))

@@ -1,0 +1,15 @@
+"""``bitfit``: train every bias of the tower (Ben Zaken et al., 2022)."""
+from __future__ import annotations
+
+from torch import nn
+
+from mlilt.methods.base import MethodDef
+from mlilt.methods.inject import make_all_trainable
+
+
+def apply(tower: nn.Module, arg: int | None) -> int:
+    biases = [name for name, _ in tower.named_parameters() if name.rpartition(".")[2] in ("bias", "in_proj_bias")]
+    return make_all_trainable(tower, biases)
+
+
+METHOD = MethodDef("bitfit", ("text", "image"), "all bias terms", apply, target_kind="biases")

@@ -1,0 +1,108 @@
+"""The method registry and the one function that applies a method spec to both towers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlilt.errors import UsageError
+from mlilt.methods import adapter, bitfit, full, ln, lora, unlock
+from mlilt.methods.base import MethodDef
+from mlilt.methods.spec import MethodPart, parse_method
+from mlilt.towers.base import Tower
+
+METHODS: dict[str, MethodDef] = {m.name: m for m in (
+    ln.METHOD, bitfit.METHOD, adapter.METHOD, lora.METHOD, unlock.METHOD, full.HEAD, full.FULL_TEXT, full.FULL)}
+DEFAULT_METHOD = "ln+adapter"  # LilT's recipe
+
+
+@dataclass
+class MethodRow:
+    part: str
+    side: str
+    found: int
+    kind: str
+
+
+@dataclass
+class MethodReport:
+    """What each method part matched in each tower, and what trains per tower."""
+
+    method: str
+    rows: list[MethodRow] = field(default_factory=list)
+    trainable: dict[str, int] = field(default_factory=dict)  # side -> trainable tower params
+    total: dict[str, int] = field(default_factory=dict)  # side -> all tower params
+    notes: list[str] = field(default_factory=list)
+
+    def percent(self, side: str) -> float:
+        return 100.0 * self.trainable.get(side, 0) / max(1, self.total.get(side, 1))
+
+    def trains_side(self, side: str) -> bool:
+        return self.trainable.get(side, 0) > 0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "notes": self.notes,
+                "matched": [vars(row) for row in self.rows],
+                "towers": {side: {"trainable": self.trainable[side], "total": self.total[side],
+                                  "percent": round(self.percent(side), 4)} for side in self.total}}
+
+
+def method_sides(spec: str) -> set[str]:
+    """The sides a method spec would touch with no anchor."""
+    return {side for part in parse_method(spec) for side in ((part.side,) if part.side else METHODS[part.name].sides)}
+
+
+def apply_methods(spec: str, towers: dict[str, Tower], frozen_sides: tuple[str, ...] = (),
+                  strict: bool = True) -> MethodReport:
+    """Apply ``spec`` to tower copies in ``towers`` (side -> tower), in place.
+
+    ``towers`` may hold one side only: parts for the other side are then skipped.
+    ``strict=False`` (rebuilding a saved pack, one side at a time) only records what matched.
+
+    Sides in ``frozen_sides`` (the image side when training against an anchor) are left alone;
+    naming one of them explicitly is an error, as is a part that finds nothing anywhere or
+    nothing on a side it was explicitly asked for.
+    """
+    report = MethodReport(spec)
+    for part in parse_method(spec):
+        _apply_part(part, towers, frozen_sides, report, strict)
+    for side, tower in towers.items():
+        report.total[side] = sum(p.numel() for p in tower.parameters())
+        report.trainable[side] = sum(p.numel() for p in tower.parameters() if p.requires_grad)
+    return report
+
+
+def _apply_part(part: MethodPart, towers: dict[str, Tower], frozen_sides, report: MethodReport,
+                strict: bool) -> None:
+    method = METHODS[part.name]
+    if part.side in frozen_sides:
+        raise UsageError(f"method {part}: the {part.side} side is frozen (training against an anchor "
+                         f"trains the text side only)")
+    sides = [part.side] if part.side else [s for s in method.sides if s not in frozen_sides]
+    if not set(sides) <= set(towers):  # applying to a subset of towers (an anchor's image side)
+        sides = [s for s in sides if s in towers]
+        if not sides:
+            return
+    found_anywhere = 0
+    for side in sides:
+        found = method.apply(towers[side], part.arg if part.arg is not None else method.default_arg)
+        report.rows.append(MethodRow(str(part), side, found, method.target_kind))
+        found_anywhere += found
+        if found == 0 and method.sides:
+            if part.side and strict:
+                raise UsageError(f"method {part}: found no {method.target_kind} in the {side} tower "
+                                 f"({towers[side].spec})")
+            report.notes.append(f"{part.name}: no {method.target_kind} in the {side} tower ({towers[side].spec})")
+    if strict and method.sides and sides and found_anywhere == 0:
+        raise UsageError(f"method {part}: found no {method.target_kind} in any tower "
+                         f"({', '.join(towers[s].spec for s in sides)})")
+    if strict and method.sides and not sides:
+        raise UsageError(f"method {part}: acts only on the {'/'.join(method.sides)} side, which is frozen here")
+
+
+def describe_methods() -> str:
+    """One line per method with the sides it touches, for --help."""
+    lines = []
+    for method in METHODS.values():
+        arg = f"[:{method.arg_name.split()[0].upper()}]" if method.arg_name else ""
+        sides = "+".join(method.sides) if method.sides else "projections only"
+        lines.append(f"{method.name}{arg} ({sides}): {method.summary}")
+    return "\n".join(lines)

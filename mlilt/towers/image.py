@@ -1,0 +1,51 @@
+"""Image towers: timm models, open_clip visual towers, Hugging Face vision models (DeiT/ViT).
+Each returns one pooled feature vector per image and carries its own preprocessing."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlilt.towers.base import Tower
+from mlilt.towers.preprocess import ImagePreprocess
+
+
+class ImageTower(Tower):
+    side = "image"
+
+    def __init__(self, spec: str, width: int, model: nn.Module, preprocess: ImagePreprocess, family: str):
+        super().__init__(spec, width, {"family": family, "preprocess": preprocess.config()})
+        self.model = model
+        self.preprocess = preprocess
+        self.family = family
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.forward_calls += 1
+        return self.pool(self.model(pixels))
+
+    def pool(self, output) -> torch.Tensor:
+        return output
+
+
+class TimmImageTower(ImageTower):
+    """A timm model built with ``num_classes=0``: its forward returns pooled features."""
+
+    def __init__(self, spec: str, model: nn.Module, preprocess: ImagePreprocess):
+        super().__init__(spec, model.num_features, model, preprocess, "timm")
+
+
+class OpenClipImageTower(ImageTower):
+    """open_clip's ``model.visual``: already projected into its CLIP embedding space."""
+
+    def __init__(self, spec: str, visual: nn.Module, preprocess: ImagePreprocess):
+        super().__init__(spec, visual.output_dim, visual, preprocess, "open_clip")
+
+
+class HFVisionTower(ImageTower):
+    """A Hugging Face vision encoder (ViT, DeiT): the [CLS] token of the last hidden state."""
+
+    def __init__(self, spec: str, model: nn.Module, preprocess: ImagePreprocess):
+        super().__init__(spec, model.config.hidden_size, model, preprocess, "hf")
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.forward_calls += 1
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]

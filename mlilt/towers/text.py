@@ -1,0 +1,73 @@
+"""Text towers: any Hugging Face encoder (XLM-R, mBERT, mE5, ...) or sentence-transformers
+folder, pooled to one vector per caption."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from mlilt.towers.base import Tower
+
+# Config keys that name where or by which library version a model was saved: they do not
+# change what it computes, so they stay out of the fingerprint.
+VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype",
+                        "_attn_implementation", "_attn_implementation_autoset", "_commit_hash"}
+
+
+class Pooling(str, Enum):
+    mean = "mean"
+    cls = "cls"
+
+
+class HFTextTower(Tower):
+    """A frozen Hugging Face encoder plus its tokenizer, pooling and optional text prefix."""
+
+    side = "text"
+
+    def __init__(self, spec: str, model, tokenizer, pooling: str = "mean", max_length: int = 64, prefix: str = ""):
+        pooling = Pooling(pooling).value
+        model_config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+        config = {"pooling": pooling, "max_length": max_length, "prefix": prefix, "model": model_config}
+        super().__init__(spec, model.config.hidden_size, config)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        self.prefix = prefix
+
+    def tokenize(self, texts: list[str], pad: bool = True) -> dict[str, torch.Tensor]:
+        """Token ids padded to the longest text of this batch, never to a fixed length."""
+        return self.tokenizer([self.prefix + text for text in texts], padding="longest" if pad else False,
+                              truncation=True, max_length=self.max_length, return_tensors="pt" if pad else None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.forward_calls += 1
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def sentence_transformers_layout(folder: Path) -> tuple[Path, dict] | None:
+    """(transformer folder, settings) of a sentence-transformers folder, or None if it is not one."""
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = json.loads(modules_file.read_text())
+    settings: dict = {}
+    transformer = folder
+    for module in modules:
+        path = folder / module.get("path", "")
+        kind = module.get("type", "")
+        if kind.endswith("Transformer"):
+            transformer = path
+            st_config = path / "sentence_bert_config.json"
+            if st_config.is_file():
+                settings["max_length"] = json.loads(st_config.read_text()).get("max_seq_length")
+        elif kind.endswith("Pooling") and (path / "config.json").is_file():
+            pooling = json.loads((path / "config.json").read_text())
+            settings["pooling"] = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
+    return transformer, {k: v for k, v in settings.items() if v is not None}

@@ -1,0 +1,54 @@
+"""Everything a training run is configured by, checked before any work starts."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mlilt.errors import UsageError
+from mlilt.methods import DEFAULT_METHOD, parse_method
+from mlilt.model import DEFAULT_EMBED_DIM
+from mlilt.towers.registry import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+
+
+@dataclass
+class TrainConfig:
+    lang: str  # language code of the captions (and of the pack)
+    data: str  # JSONL/CSV/TSV file, parquet/arrow, or a Hugging Face dataset name
+    out: str  # the pack folder to write
+    method: str = DEFAULT_METHOD  # e.g. ln+adapter, lora:8, unlock:2, full-text
+    text_tower: str = DEFAULT_TEXT_TOWER
+    image_tower: str = DEFAULT_IMAGE_TOWER
+    anchor: str | None = None  # a pack whose image side is reused, frozen
+    embed_dim: int = DEFAULT_EMBED_DIM
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3  # new projections and adapters from scratch want more than LilT's 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this (LilT: 1e-4 -> 1e-5)
+    weight_decay: float = 0.02  # LilT
+    warmup_steps: int | None = None  # default: 5% of all steps
+    grad_clip: float = 1.0
+    holdout: float = 0.1  # share (<1) or number (>=1) of images held out for validation
+    seed: int = 0
+    bf16: bool = False
+    max_length: int = 64  # caption tokens
+    skip_bad: bool = False
+    overwrite: bool = False
+    cache_features: bool = True
+
+    def __post_init__(self):
+        parse_method(self.method)  # raises a UsageError naming the bad part
+        checks = [(self.epochs >= 1, "--epochs must be at least 1"),
+                  (self.batch_size >= 2, "--batch-size must be at least 2 (contrastive loss needs negatives)"),
+                  (self.lr > 0, "--lr must be positive"),
+                  (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be within [0, 1]"),
+                  (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+                  (self.grad_clip > 0, "--grad-clip must be positive"),
+                  (self.holdout > 0, "--holdout must be positive"),
+                  (self.embed_dim >= 1, "--embed-dim must be positive"),
+                  (self.max_length >= 4, "--max-length must be at least 4 tokens"),
+                  (bool(self.lang.strip()), "--lang must not be empty")]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

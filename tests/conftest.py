@@ -1,0 +1,37 @@
+"""Shared test set-up: no network, a private cache, tiny towers built once per session."""
+from __future__ import annotations
+
+import os
+
+# Tests never reach a hub: set before transformers/huggingface_hub are imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _private_feature_cache(tmp_path_factory, monkeypatch):
+    """Feature caches and packs of one test never leak into another or into ~/.cache.
+
+    The converted offline tower is reused across tests (it is deterministic and expensive):
+    it lives in a session folder linked into each private cache.
+    """
+    cache = tmp_path_factory.mktemp("mlilt-cache")
+    towers = _session_towers_dir(tmp_path_factory)
+    (cache / "towers").symlink_to(towers, target_is_directory=True)
+    monkeypatch.setenv("MLILT_CACHE", str(cache))
+    monkeypatch.setenv("MLILT_PACKS", str(cache / "no-packs-here"))
+
+
+_TOWERS_DIR = []
+
+
+def _session_towers_dir(tmp_path_factory):
+    if not _TOWERS_DIR:
+        shared = os.environ.get("MLILT_TEST_TOWERS")  # CI may point this at a persistent folder
+        path = tmp_path_factory.getbasetemp() / "shared-towers" if not shared else __import__("pathlib").Path(shared)
+        path.mkdir(parents=True, exist_ok=True)
+        _TOWERS_DIR.append(path)
+    return _TOWERS_DIR[0]

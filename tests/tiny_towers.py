@@ -1,0 +1,67 @@
+"""Tiny random towers of every family (2 layers, width 32), built inside the tests."""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, ViTConfig, ViTModel
+
+from mlilt.towers.image import HFVisionTower, OpenClipImageTower, TimmImageTower
+from mlilt.towers.preprocess import ImagePreprocess
+from mlilt.towers.text import HFTextTower
+
+WORDS = ("a large small red blue green yellow circle square triangle star left right top bottom and "
+         "kubwa ndogo nyekundu bluu duara mraba na").split()
+PREPROCESS = ImagePreprocess(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {token: i for i, token in enumerate(specials + list(WORDS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+def tiny_text_tower(seed: int = 0) -> HFTextTower:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(WORDS) + 4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    return HFTextTower(f"tiny-bert-{seed}", BertModel(config, add_pooling_layer=False), tiny_tokenizer(),
+                       max_length=32).freeze()
+
+
+def tiny_hf_vit() -> HFVisionTower:
+    torch.manual_seed(1)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    return HFVisionTower("tiny-hf-vit", ViTModel(config, add_pooling_layer=False), PREPROCESS).freeze()
+
+
+def tiny_timm_vit() -> TimmImageTower:
+    import timm
+    torch.manual_seed(2)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2, embed_dim=32,
+                              num_heads=2, img_size=32, patch_size=8)
+    return TimmImageTower("tiny-timm-vit", model, PREPROCESS).freeze()
+
+
+def tiny_timm_cnn() -> TimmImageTower:
+    import timm
+    torch.manual_seed(3)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    return TimmImageTower("tiny-timm-cnn", model, PREPROCESS).freeze()
+
+
+def tiny_open_clip_vit() -> OpenClipImageTower:
+    from open_clip.transformer import VisionTransformer
+    torch.manual_seed(4)
+    visual = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0,
+                               output_dim=16)
+    return OpenClipImageTower("tiny-open_clip-vit", visual, PREPROCESS).freeze()
+
+
+IMAGE_TOWERS = {"hf-vit": tiny_hf_vit, "timm-vit": tiny_timm_vit, "timm-cnn": tiny_timm_cnn,
+                "open_clip-vit": tiny_open_clip_vit}
