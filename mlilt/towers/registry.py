@@ -106,13 +106,19 @@ def _build_text_tower(spec, pooling, max_length, prefix) -> HFTextTower:
 
 def _hf_text_model(source, spec):
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # load reports would bury our own messages
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
-        model = AutoModel.from_pretrained(str(source), trust_remote_code=False)
+        try:  # the pooler is never used (we pool the last hidden state): don't build it
+            model = AutoModel.from_pretrained(str(source), trust_remote_code=False, add_pooling_layer=False)
+        except TypeError:
+            model = AutoModel.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise TowerLoadError(_unreachable(spec, "a Hugging Face text model", error)) from error
-    if hasattr(model, "pooler") and model.pooler is not None:
-        model.pooler = None  # never used (we pool the last hidden state); keeps it out of methods
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # keeps unused weights out of methods and fingerprints
     return model, tokenizer
 
 
