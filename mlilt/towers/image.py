@@ -19,7 +19,7 @@ class ImageTower(Tower):
         self.family = family
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        self.forward_calls += 1
+        self.calls.count += 1
         return self.pool(self.model(pixels))
 
     def pool(self, output) -> torch.Tensor:
@@ -47,5 +47,5 @@ class HFVisionTower(ImageTower):
         super().__init__(spec, model.config.hidden_size, model, preprocess, "hf")
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        self.forward_calls += 1
+        self.calls.count += 1
         return self.model(pixel_values=pixels).last_hidden_state[:, 0]

@@ -108,7 +108,8 @@ def _hf_text_model(source, spec):
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # load reports would bury our own messages
+    hf_logging.set_verbosity_error()  # load reports and bars would bury our own messages
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
         try:  # the pooler is never used (we pool the last hidden state): don't build it

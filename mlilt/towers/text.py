@@ -43,7 +43,7 @@ class HFTextTower(Tower):
                               truncation=True, max_length=self.max_length, return_tensors="pt" if pad else None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.forward_calls += 1
+        self.calls.count += 1
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
