@@ -91,13 +91,13 @@ def load(*packs: str | os.PathLike) -> MliltModel:
     read = [read_pack(p) for p in packs]
     _check_same_image_space(read)
     image = image_side_of(read[0])
-    texts, configs = {}, {}
+    texts, configs, paths = {}, {}, {}
     for pack in read:
         lang = pack.config.language
         if lang in texts:
-            raise UsageError(f"two packs for lang={lang!r}: {configs[lang]} and {pack.path}")
+            raise UsageError(f"two packs for lang={lang!r}: {paths[lang]} and {pack.path}")
         texts[lang] = text_side_of(pack)
-        configs[lang] = pack.config
+        configs[lang], paths[lang] = pack.config, pack.path
     scale = float(read[0].tensors["logit_scale"].exp().clamp(max=100.0)) if "logit_scale" in read[0].tensors else 1.0
     return MliltModel(image, texts, configs, scale)
 

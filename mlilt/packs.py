@@ -57,7 +57,24 @@ class PackConfig:
         if not isinstance(config.format_version, int) or config.format_version > FORMAT_VERSION:
             raise PackError(f"{where}: format version {config.format_version!r} is newer than this mlilt "
                             f"reads ({FORMAT_VERSION}); upgrade mlilt")
+        config._check_fields(where)
         return config
+
+    def _check_fields(self, where: str) -> None:
+        """What loading relies on: readable methods and both towers named (else a PackError, not a crash)."""
+        from mlilt.methods import parse_method
+        for key in ("method", "image_method"):
+            value = getattr(self, key)
+            try:
+                if not isinstance(value, str):
+                    raise UsageError(f"expected a string, not {value!r}")
+                parse_method(value)
+            except UsageError as error:
+                raise PackError(f"{where}: {key}: {error}") from error
+        for side in ("text", "image"):
+            tower = self.towers.get(side) if isinstance(self.towers, dict) else None
+            if not isinstance(tower, dict) or not all(isinstance(tower.get(k), str) for k in ("spec", "fingerprint")):
+                raise PackError(f"{where}: towers.{side} must give the {side} tower's spec and fingerprint")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"

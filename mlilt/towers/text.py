@@ -2,6 +2,7 @@
 folder, pooled to one vector per caption."""
 from __future__ import annotations
 
+import hashlib
 import json
 from enum import Enum
 from pathlib import Path
@@ -29,7 +30,8 @@ class HFTextTower(Tower):
     def __init__(self, spec: str, model, tokenizer, pooling: str = "mean", max_length: int = 64, prefix: str = ""):
         pooling = Pooling(pooling).value
         model_config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
-        config = {"pooling": pooling, "max_length": max_length, "prefix": prefix, "model": model_config}
+        config = {"pooling": pooling, "max_length": max_length, "prefix": prefix, "model": model_config,
+                  "tokenizer_sha256": tokenizer_digest(tokenizer)}
         super().__init__(spec, model.config.hidden_size, config)
         self.model = model
         self.tokenizer = tokenizer
@@ -49,6 +51,14 @@ class HFTextTower(Tower):
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition: another vocabulary or normaliser changes
+    every embedding, so it belongs in the tower's fingerprint."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def sentence_transformers_layout(folder: Path) -> tuple[Path, dict] | None:

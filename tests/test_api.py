@@ -1,0 +1,102 @@
+"""The Python API and the packs/towers commands on a small real pack (tiny towers)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import mlilt
+from mlilt.cli import app
+from mlilt.data.demo import generate_demo
+from mlilt.errors import UsageError
+from mlilt.towers.registry import register_tower
+from mlilt.train import train
+from mlilt.train_config import TrainConfig
+from tiny_towers import tiny_text_tower, tiny_timm_vit
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    register_tower(tiny_text_tower())
+    register_tower(tiny_timm_vit())
+    root = tmp_path_factory.mktemp("api")
+    generate_demo(root / "data", ["sw"], n=40, image_size=32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLILT_CACHE", str(root / "cache"))
+        train(TrainConfig(lang="sw", data=str(root / "data" / "sw" / "train.jsonl"), out=str(root / "sw"),
+                          text_tower="tiny-bert-0", image_tower="tiny-timm-vit", epochs=1, batch_size=8))
+    return root
+
+
+def test_encode_image_accepts_paths_bytes_and_pil_alike(pack):
+    model = mlilt.load(pack / "sw")
+    path = next((pack / "data" / "images").iterdir())
+    from_path = model.encode_image([path])
+    from_bytes = model.encode_image([path.read_bytes()])
+    from_pil = model.encode_image([Image.open(path)])
+    assert from_path.shape == (1, 256)
+    assert torch.allclose(from_path, from_bytes) and torch.allclose(from_path, from_pil, atol=1e-6)
+    assert torch.allclose(from_path.norm(dim=-1), torch.ones(1))
+
+
+def test_similarity_and_zero_shot_agree_with_the_embeddings(pack):
+    model = mlilt.load(pack / "sw")
+    images = sorted((pack / "data" / "images").iterdir())[:3]
+    texts = ["mraba mdogo", "duara kubwa", "nyota"]
+    sims = model.similarity(texts, images, lang="sw")
+    assert sims.shape == (3, 3)
+    expected = model.encode_text(texts, lang="sw") @ model.encode_image(images).t()
+    assert torch.allclose(sims, expected, atol=1e-6)
+    result = model.zero_shot_classify(images, texts, lang="sw", templates=("{}", "picha ya {}"))
+    assert result.probs.shape == (3, 3)
+    assert torch.allclose(result.probs.sum(-1), torch.ones(3), atol=1e-5)
+    assert result.labels == [texts[i] for i in result.probs.argmax(-1).tolist()]
+
+
+def test_encode_text_keeps_input_order_despite_length_sorting(pack):
+    model = mlilt.load(pack / "sw")
+    texts = ["mraba mdogo wa kijani juu upande wa kushoto na nyota", "duara", "nyota ndogo ya bluu"]
+    together = model.encode_text(texts, lang="sw", batch_size=2)
+    one_by_one = torch.cat([model.encode_text([t], lang="sw") for t in texts])
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+
+
+def test_lang_must_be_loaded(pack):
+    model = mlilt.load(pack / "sw")
+    with pytest.raises(UsageError, match="no pack for lang='de'"):
+        model.encode_text(["ein Kreis"], lang="de")
+
+
+def test_packs_info_verify_and_list(pack, monkeypatch):
+    info = runner.invoke(app, ["packs", "info", str(pack / "sw")], terminal_width=200)
+    assert info.exit_code == 0, info.output
+    assert "ln+adapter" in info.output and "tiny-bert-0" in info.output
+    verify = runner.invoke(app, ["packs", "verify", str(pack / "sw")])
+    assert verify.exit_code == 0 and "ok" in verify.output
+    (pack / "index.json").write_text(json.dumps({"packs": {"sw": {"path": "sw", "language": "sw",
+                                                                  "method": "ln+adapter"}}}))
+    monkeypatch.setenv("MLILT_PACKS", str(pack))
+    listed = runner.invoke(app, ["packs", "list"], terminal_width=200)
+    assert listed.exit_code == 0 and "sw" in listed.output
+    assert mlilt.load("sw").languages == ["sw"]
+
+
+def test_packs_verify_fails_on_a_corrupt_pack(pack, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "langpack.json").write_text((pack / "sw" / "langpack.json").read_text())
+    (broken / "langpack.safetensors").write_bytes((pack / "sw" / "langpack.safetensors").read_bytes()[:100])
+    result = runner.invoke(app, ["packs", "verify", str(broken)])
+    assert result.exit_code == 4
+    assert "truncated" in result.output
+
+
+def test_towers_list_names_the_offline_pair():
+    result = runner.invoke(app, ["towers", "list"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "me5-small" in result.output and "effnet-lite0" in result.output
