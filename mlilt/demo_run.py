@@ -55,7 +55,9 @@ def _untrained(config, test) -> dict:
     from mlilt.evaluation.pairs_eval import evaluate_pairs
     from mlilt.towers.registry import load_image_tower, load_text_tower
 
-    sides, _ = build_sides({"text": load_text_tower(config.text_tower, max_length=config.max_length),
+    text_tower = load_text_tower(config.text_tower, pooling=config.pooling, max_length=config.max_length,
+                                 prefix=config.text_prefix)
+    sides, _ = build_sides({"text": text_tower,
                             "image": load_image_tower(config.image_tower)}, config.method, config.embed_dim,
                            seed=config.seed)
     return evaluate_pairs(sides["text"], sides["image"], test)

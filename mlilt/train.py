@@ -99,7 +99,8 @@ def _load_data(config: TrainConfig) -> tuple[Split, Split, dict]:
 
 
 def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, Pack | None]:
-    text_tower = load_text_tower(config.text_tower, max_length=config.max_length)
+    text_tower = load_text_tower(config.text_tower, pooling=config.pooling, max_length=config.max_length,
+                                 prefix=config.text_prefix)
     image_tower = load_image_tower(config.image_tower)
     frozen = ("image",) if config.anchor else ()
     sides, report = build_sides({"text": text_tower, "image": image_tower}, config.method, config.embed_dim,

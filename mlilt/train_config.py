@@ -30,6 +30,8 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     max_length: int = 64  # caption tokens
+    pooling: str | None = None  # text tower pooling (mean/cls); None: the tower's default
+    text_prefix: str | None = None  # prepended to captions; None: the tower's default
     skip_bad: bool = False
     overwrite: bool = False
     cache_features: bool = True
@@ -45,7 +47,8 @@ class TrainConfig:
                   (self.holdout > 0, "--holdout must be positive"),
                   (self.embed_dim >= 1, "--embed-dim must be positive"),
                   (self.max_length >= 4, "--max-length must be at least 4 tokens"),
-                  (bool(self.lang.strip()), "--lang must not be empty")]
+                  (bool(self.lang.strip()), "--lang must not be empty"),
+                  (self.pooling in (None, "mean", "cls"), "--pooling must be mean or cls")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)

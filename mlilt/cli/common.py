@@ -3,7 +3,6 @@ exit code instead of a traceback."""
 from __future__ import annotations
 
 import functools
-import sys
 
 import typer
 from rich.console import Console
@@ -28,11 +27,10 @@ def user_errors(command):
         except FileExistsError as error:
             err_console.print(f"[bold red]error:[/] {error}", highlight=False)
             raise typer.Exit(2) from None
+        except FloatingPointError as error:  # NaN/inf loss: nothing was written
+            err_console.print(f"[bold red]training stopped:[/] {error}; no pack was written", highlight=False)
+            raise typer.Exit(EXIT_FAILURE) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: nothing was written")
             raise typer.Exit(130) from None
     return wrapper
-
-
-def quiet() -> bool:
-    return not sys.stderr.isatty() and not sys.stdout.isatty()

@@ -34,6 +34,8 @@ def train_command(
     holdout: Annotated[float, typer.Option(help="Images held out for validation: a share (<1) or a count.")] = 0.1,
     embed_dim: Annotated[int, typer.Option(help="Size of the shared embedding space.")] = DEFAULT_EMBED_DIM,
     max_length: Annotated[int, typer.Option(help="Caption tokens kept.")] = 64,
+    pooling: Annotated[Optional[str], typer.Option(help="Text pooling: mean or cls (default: the tower's).")] = None,
+    text_prefix: Annotated[Optional[str], typer.Option(help="Prepended to every caption (me5-small: 'query: ').")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, split and order.")] = 0,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count them.")] = False,
@@ -46,7 +48,8 @@ def train_command(
     config = TrainConfig(lang=lang, data=data, out=out, method=method, anchor=anchor, text_tower=text_tower,
                          image_tower=image_tower, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, holdout=holdout, embed_dim=embed_dim, max_length=max_length,
-                         seed=seed, bf16=bf16, skip_bad=skip_bad, overwrite=overwrite)
+                         pooling=pooling, text_prefix=text_prefix, seed=seed, bf16=bf16, skip_bad=skip_bad,
+                         overwrite=overwrite)
     result = train(config, console=console)
     print_report(result.report)
     val = result.metrics
