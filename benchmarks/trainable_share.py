@@ -13,7 +13,8 @@ from safetensors.torch import save
 
 from mlilt.build import build_sides
 from mlilt.model import ContrastiveModel
-from mlilt.towers.registry import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER, load_image_tower, load_text_tower
+from mlilt.defaults import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+from mlilt.towers.registry import load_image_tower, load_text_tower
 
 
 def measure(method: str, text_tower, image_tower, anchored: bool) -> dict:

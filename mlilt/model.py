@@ -11,7 +11,6 @@ from torch import nn
 
 from mlilt.towers.base import Tower
 
-DEFAULT_EMBED_DIM = 256  # LilT projects both towers to 256-d
 TEMPERATURE_INIT = 0.07
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on 1/temperature
 

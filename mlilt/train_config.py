@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mlilt.errors import UsageError
-from mlilt.methods import DEFAULT_METHOD, parse_method
-from mlilt.model import DEFAULT_EMBED_DIM
-from mlilt.towers.registry import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+from mlilt.defaults import DEFAULT_EMBED_DIM, DEFAULT_IMAGE_TOWER, DEFAULT_METHOD, DEFAULT_TEXT_TOWER
+from mlilt.methods.spec import parse_method
 
 
 @dataclass

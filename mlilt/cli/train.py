@@ -6,9 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from mlilt.cli.common import console, user_errors
-from mlilt.methods import DEFAULT_METHOD, describe_methods
-from mlilt.model import DEFAULT_EMBED_DIM
-from mlilt.towers.registry import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+from mlilt.defaults import DEFAULT_EMBED_DIM, DEFAULT_IMAGE_TOWER, DEFAULT_METHOD, DEFAULT_TEXT_TOWER
+from mlilt.methods.catalog import describe_methods
 
 METHOD_HELP = ("Parameter-efficient method, parts joined with '+', each NAME[:N][@text|@image]. "
                "Projections and temperature always train. With --anchor only the text side trains. Methods "

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlilt.methods.base import MethodDef
+from mlilt.methods.base import method
+from mlilt.methods.catalog import CATALOG
 from mlilt.methods.inject import output_width, replace_module
 from mlilt.towers.layout import find_layout
 
-DEFAULT_REDUCTION = 4  # LilT: d -> d/4 -> d
+DEFAULT_REDUCTION = CATALOG["adapter"].default_arg  # LilT: d -> d/4 -> d
 
 
 class Adapter(nn.Module):
@@ -50,6 +51,4 @@ def apply(tower: nn.Module, arg: int | None) -> int:
     return len(sites)
 
 
-METHOD = MethodDef("adapter", ("text", "image"),
-                   "bottleneck adapters after attention and feed-forward outputs (transformer towers)",
-                   apply, arg_name="reduction factor", default_arg=DEFAULT_REDUCTION, target_kind="adapter sites")
+METHOD = method("adapter", apply)

@@ -1,18 +1,19 @@
-"""What a method is: a name, the sides it touches, and a function that changes a tower copy."""
+"""What a method is: its catalog entry plus a function that changes a tower copy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-from mlilt.towers.base import Tower
+from torch import nn
+
+from mlilt.methods.catalog import CATALOG, MethodInfo
 
 
 @dataclass(frozen=True)
-class MethodDef:
-    name: str
-    sides: tuple[str, ...]  # the towers it acts on when no @side is given
-    summary: str
-    apply: Callable[[Tower, int | None], int]  # returns the number of targets it found
-    arg_name: str | None = None
-    default_arg: int | None = None
-    target_kind: str = "targets"
+class MethodDef(MethodInfo):
+    apply: Callable[[nn.Module, int | None], int] = None  # returns the number of targets it found
+
+
+def method(name: str, apply: Callable[[nn.Module, int | None], int]) -> MethodDef:
+    """The registered method ``name``: its catalog entry with ``apply`` attached."""
+    return MethodDef(**vars(CATALOG[name]), apply=apply)

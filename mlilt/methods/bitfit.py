@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlilt.methods.base import MethodDef
+from mlilt.methods.base import method
 from mlilt.methods.inject import make_all_trainable
 
 
@@ -12,4 +12,4 @@ def apply(tower: nn.Module, arg: int | None) -> int:
     return make_all_trainable(tower, biases)
 
 
-METHOD = MethodDef("bitfit", ("text", "image"), "all bias terms", apply, target_kind="biases")
+METHOD = method("bitfit", apply)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlilt.methods.base import MethodDef
+from mlilt.methods.base import method
 from mlilt.methods.inject import make_all_trainable
 
 
@@ -16,8 +16,6 @@ def train_nothing(tower: nn.Module, arg: int | None) -> int:
     return 0
 
 
-FULL_TEXT = MethodDef("full-text", ("text",), "the whole text tower (LiT baseline)", train_everything,
-                      target_kind="weights")
-FULL = MethodDef("full", ("text", "image"), "both towers entirely (full fine-tuning baseline)", train_everything,
-                 target_kind="weights")
-HEAD = MethodDef("head", (), "nothing in the towers: projections and temperature only", train_nothing)
+FULL_TEXT = method("full-text", train_everything)
+FULL = method("full", train_everything)
+HEAD = method("head", train_nothing)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlilt.methods.base import MethodDef
+from mlilt.methods.base import method
 from mlilt.methods.inject import make_trainable
 
 NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -30,5 +30,4 @@ def apply(tower: nn.Module, arg: int | None) -> int:
     return found
 
 
-METHOD = MethodDef("ln", ("text", "image"), "normalisation layers' scale and shift (LayerNorm, BatchNorm, GroupNorm)",
-                   apply, target_kind="norm layers")
+METHOD = method("ln", apply)

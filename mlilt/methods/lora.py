@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mlilt.methods.base import MethodDef
+from mlilt.methods.base import method
+from mlilt.methods.catalog import CATALOG
 from mlilt.towers.layout import find_layout
 
-DEFAULT_RANK = 8
+DEFAULT_RANK = CATALOG["lora"].default_arg
 ALPHA_PER_RANK = 2.0  # alpha = 2·rank, the common LoRA setting
 
 
@@ -41,5 +42,4 @@ def apply(tower: nn.Module, arg: int | None) -> int:
     return len(targets)
 
 
-METHOD = MethodDef("lora", ("text", "image"), "low-rank updates of the attention projections (transformer towers)",
-                   apply, arg_name="rank", default_arg=DEFAULT_RANK, target_kind="attention weights")
+METHOD = method("lora", apply)

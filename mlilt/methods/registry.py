@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 from mlilt.errors import UsageError
 from mlilt.methods import adapter, bitfit, full, ln, lora, unlock
 from mlilt.methods.base import MethodDef
+from mlilt.methods.catalog import CATALOG
 from mlilt.methods.spec import MethodPart, parse_method
 from mlilt.towers.base import Tower
 
 METHODS: dict[str, MethodDef] = {m.name: m for m in (
     ln.METHOD, bitfit.METHOD, adapter.METHOD, lora.METHOD, unlock.METHOD, full.HEAD, full.FULL_TEXT, full.FULL)}
-DEFAULT_METHOD = "ln+adapter"  # LilT's recipe
+if set(METHODS) != set(CATALOG):  # a catalog entry without code (or the reverse) is a packaging bug
+    raise ImportError(f"methods and catalog disagree: {sorted(set(METHODS) ^ set(CATALOG))}")
 
 
 @dataclass
@@ -43,11 +45,6 @@ class MethodReport:
                 "matched": [vars(row) for row in self.rows],
                 "towers": {side: {"trainable": self.trainable[side], "total": self.total[side],
                                   "percent": round(self.percent(side), 4)} for side in self.total}}
-
-
-def method_sides(spec: str) -> set[str]:
-    """The sides a method spec would touch with no anchor."""
-    return {side for part in parse_method(spec) for side in ((part.side,) if part.side else METHODS[part.name].sides)}
 
 
 def apply_methods(spec: str, towers: dict[str, Tower], frozen_sides: tuple[str, ...] = (),
@@ -96,13 +93,3 @@ def _apply_part(part: MethodPart, towers: dict[str, Tower], frozen_sides, report
                          f"({', '.join(towers[s].spec for s in sides)})")
     if strict and method.sides and not sides:
         raise UsageError(f"method {part}: acts only on the {'/'.join(method.sides)} side, which is frozen here")
-
-
-def describe_methods() -> str:
-    """One line per method with the sides it touches, for --help."""
-    lines = []
-    for method in METHODS.values():
-        arg = f"[:{method.arg_name.split()[0].upper()}]" if method.arg_name else ""
-        sides = "+".join(method.sides) if method.sides else "projections only"
-        lines.append(f"{method.name}{arg} ({sides}): {method.summary}")
-    return "\n".join(lines)

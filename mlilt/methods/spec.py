@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from mlilt.errors import UsageError
+from mlilt.methods.catalog import CATALOG
 
 SIDES = ("text", "image")
 _PART = re.compile(r"^(?P<name>[a-z][a-z-]*)(?::(?P<arg>\d+))?(?:@(?P<side>[a-z]+))?$")
@@ -27,8 +28,6 @@ class MethodPart:
 
 
 def parse_method(spec: str) -> list[MethodPart]:
-    from mlilt.methods.registry import METHODS
-
     parts = []
     for raw in spec.replace(" ", "").split("+"):
         match = _PART.match(raw)
@@ -36,8 +35,8 @@ def parse_method(spec: str) -> list[MethodPart]:
             raise UsageError(f"method {spec!r}: cannot read {raw!r}; expected NAME[:N][@text|@image], "
                              f"e.g. ln+adapter, lora:8@text, unlock:2")
         name, arg, side = match["name"], match["arg"], match["side"]
-        if name not in METHODS:
-            raise UsageError(f"method {spec!r}: unknown method {name!r}; known: {', '.join(METHODS)}")
+        if name not in CATALOG:
+            raise UsageError(f"method {spec!r}: unknown method {name!r}; known: {', '.join(CATALOG)}")
         if side is not None and side not in SIDES:
             raise UsageError(f"method {spec!r}: side must be text or image, not {side!r}")
         parts.append(MethodPart(name, int(arg) if arg is not None else None, side))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from mlilt.errors import UsageError
-from mlilt.methods.base import MethodDef
+from mlilt.methods.base import method
 from mlilt.methods.inject import make_all_trainable
 from mlilt.towers.layout import find_layout
 
@@ -23,5 +23,4 @@ def apply(tower: nn.Module, arg: int | None) -> int:
     return len(unlocked)
 
 
-METHOD = MethodDef("unlock", ("text", "image"), "the last K blocks and the layers after them", apply,
-                   arg_name="blocks", default_arg=1, target_kind="blocks")
+METHOD = method("unlock", apply)

@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlilt.defaults import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
 from mlilt.errors import MliltError, UsageError
 from mlilt.towers.image import HFVisionTower, ImageTower, OpenClipImageTower, TimmImageTower
 from mlilt.towers.preprocess import ImagePreprocess
 from mlilt.towers.text import HFTextTower, sentence_transformers_layout
 
-DEFAULT_TEXT_TOWER = "me5-small"
-DEFAULT_IMAGE_TOWER = "effnet-lite0"
 E5_QUERY_PREFIX = "query: "
 
 

@@ -1,0 +1,44 @@
+"""What each method is, without the code that applies it: names, sides, one-line summaries.
+
+Kept free of torch so that parsing a method spec and printing --help cost nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    sides: tuple[str, ...]  # the towers it acts on when no @side is given
+    summary: str
+    arg_name: str | None = None
+    default_arg: int | None = None
+    target_kind: str = "targets"
+
+
+CATALOG: dict[str, MethodInfo] = {info.name: info for info in (
+    MethodInfo("ln", ("text", "image"), "normalisation layers' scale and shift (LayerNorm, BatchNorm, GroupNorm)",
+               target_kind="norm layers"),
+    MethodInfo("bitfit", ("text", "image"), "all bias terms", target_kind="biases"),
+    MethodInfo("adapter", ("text", "image"),
+               "bottleneck adapters after attention and feed-forward outputs (transformer towers)",
+               arg_name="reduction factor", default_arg=4, target_kind="adapter sites"),
+    MethodInfo("lora", ("text", "image"), "low-rank updates of the attention projections (transformer towers)",
+               arg_name="rank", default_arg=8, target_kind="attention weights"),
+    MethodInfo("unlock", ("text", "image"), "the last K blocks and the layers after them", arg_name="blocks",
+               default_arg=1, target_kind="blocks"),
+    MethodInfo("head", (), "nothing in the towers: projections and temperature only"),
+    MethodInfo("full-text", ("text",), "the whole text tower (LiT baseline)", target_kind="weights"),
+    MethodInfo("full", ("text", "image"), "both towers entirely (full fine-tuning baseline)", target_kind="weights"),
+)}
+
+
+def describe_methods() -> str:
+    """One line per method with the sides it touches, for --help."""
+    lines = []
+    for method in CATALOG.values():
+        arg = f"[:{method.arg_name.split()[0].upper()}]" if method.arg_name else ""
+        sides = "+".join(method.sides) if method.sides else "projections only"
+        lines.append(f"{method.name}{arg} ({sides}): {method.summary}")
+    return "\n".join(lines)
