@@ -5,6 +5,7 @@ import typer
 
 from mlilt.cli import data, packs, towers
 from mlilt.cli.demo import demo_command
+from mlilt.cli.evaluate import eval_command
 from mlilt.cli.train import train_command
 
 app = typer.Typer(name="mlilt", no_args_is_help=True, add_completion=False,
@@ -12,6 +13,7 @@ app = typer.Typer(name="mlilt", no_args_is_help=True, add_completion=False,
                        "a few MB of trained parameters per language.")
 app.command("train")(train_command)
 app.command("demo")(demo_command)
+app.command("eval")(eval_command)
 app.add_typer(data.app, name="data")
 app.add_typer(packs.app, name="packs")
 app.add_typer(towers.app, name="towers")

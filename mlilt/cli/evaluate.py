@@ -1,0 +1,43 @@
+"""``mlilt eval``: retrieval benchmarks for packs."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from mlilt.cli.common import console, user_errors
+
+SHOWN = ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
+         "text_retrieval_recall@5", "mean_recall")
+
+
+@user_errors
+def eval_command(
+    benchmark: Annotated[str, typer.Option(help="xm3600, xtd10, multi30k, demo (a `mlilt data demo` folder), "
+                                                "or custom (--data).")],
+    pack: Annotated[list[str], typer.Option(help="Pack folder or name, or a folder of packs; repeatable.")],
+    root: Annotated[Optional[str], typer.Option(help="Folder holding the benchmark in its official layout.")] = None,
+    langs: Annotated[Optional[str], typer.Option(help="Comma-separated codes, or 'all'. Default: each pack on "
+                                                      "its own language.")] = None,
+    captions: Annotated[str, typer.Option(help="first (CLIP_benchmark) or all (every caption a positive).")] = "first",
+    data: Annotated[Optional[str], typer.Option(help="Pairs file for --benchmark custom.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Folder for per-language JSON results and summary.csv.")] = None,
+):
+    """Text-to-image and image-to-text recall@1/5/10, per language, image tower run once."""
+    from pathlib import Path
+
+    from mlilt.evaluation.evaluate import evaluate
+    from mlilt.evaluation.runner import write_results
+
+    codes = [code.strip() for code in langs.split(",") if code.strip()] if langs else None
+    results = evaluate(benchmark, pack, root=root, langs=codes, captions=captions, data=data)
+    table = Table(title=f"{benchmark} retrieval, recall %")
+    for column in ("language", "pack", "t2i R@1", "t2i R@5", "i2t R@1", "i2t R@5", "mean"):
+        table.add_column(column, justify="left" if column in ("language", "pack") else "right")
+    for r in results:
+        table.add_row(r.language, r.model, *[f"{r.metrics[m]:.1f}" for m in SHOWN])
+    console.print(table)
+    if out:
+        write_results(results, Path(out))
+        console.print(f"results written to {out}")

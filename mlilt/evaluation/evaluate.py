@@ -1,0 +1,96 @@
+"""``mlilt eval`` as a library call: which packs, which benchmark, which languages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlilt.errors import UsageError
+from mlilt.evaluation.runner import EvalResult, ImageSpace, evaluate_sets, plan_languages
+from mlilt.packs import PACK_CONFIG, Pack, read_pack
+
+LOCAL_BENCHMARKS = ("demo", "custom")
+
+
+@dataclass
+class PairsRetrievalSet:
+    """A retrieval set made from pairs files (the demo test split, a user's held-out data)."""
+
+    benchmark: str
+    language: str
+    images: list
+    captions: list[str]
+    caption_image: list[int]
+    counts: dict = field(default_factory=dict)
+
+
+def find_packs(paths: list[str]) -> list[Pack]:
+    """Packs named directly, or every pack folder inside a folder of packs."""
+    packs = []
+    for path in paths:
+        folder = Path(path)
+        if folder.is_dir() and not (folder / PACK_CONFIG).exists():
+            inside = sorted(p for p in folder.iterdir() if (p / PACK_CONFIG).is_file())
+            if not inside:
+                raise UsageError(f"{folder} holds no pack folders (folders with {PACK_CONFIG})")
+            packs += [read_pack(p) for p in inside]
+        else:
+            packs.append(read_pack(path))
+    return packs
+
+
+def benchmark_sets(benchmark: str, root: str | None, langs: list[str], captions: str, data: str | None) -> dict:
+    if benchmark == "demo":
+        return {lang: _pairs_set("demo", Path(_need(root, "--root")) / lang / "test.jsonl", lang) for lang in langs}
+    if benchmark == "custom":
+        return {lang: _pairs_set("custom", Path(_need(data, "--data")), lang) for lang in langs}
+    from mlilt.evaluation.benchmarks import load_benchmark
+    return load_benchmark(benchmark, _need(root, "--root"), langs, captions=captions)
+
+
+def available_languages(benchmark: str, root: str | None, data: str | None) -> list[str]:
+    if benchmark == "demo":
+        folder = Path(_need(root, "--root"))
+        return sorted(p.parent.name for p in folder.glob("*/test.jsonl"))
+    if benchmark == "custom":
+        from mlilt.data.pairs import read_pairs
+        return sorted(read_pairs(_need(data, "--data"), check_images=False).summary()["langs"])
+    from mlilt.evaluation.benchmarks import benchmark_languages
+    return benchmark_languages(benchmark)
+
+
+def evaluate(benchmark: str, packs: list[str], root: str | None = None, langs: list[str] | None = None,
+             captions: str = "first", data: str | None = None) -> list[EvalResult]:
+    from mlilt.api import image_side_of, text_side_of
+
+    loaded = find_packs(packs)
+    available = available_languages(benchmark, root, data)
+    plan = plan_languages([p.config.language for p in loaded], langs, available)
+    needed = sorted({lang for chosen in plan.values() for lang in chosen})
+    unknown = [lang for lang in needed if lang not in available]
+    if unknown:
+        raise UsageError(f"{benchmark} has no language {', '.join(unknown)}; it has: {', '.join(available)}")
+    sets = benchmark_sets(benchmark, root, needed, captions, data)
+    spaces: dict[str, ImageSpace] = {}
+    results = []
+    for index, chosen in plan.items():
+        pack = loaded[index]
+        space_id = pack.config.image_side_id
+        if space_id not in spaces:  # one image pass per image side, shared by its packs
+            spaces[space_id] = ImageSpace(image_side_of(pack))
+        results += evaluate_sets(text_side_of(pack), spaces[space_id], [sets[lang] for lang in chosen],
+                                 pack.path.name, str(pack.path))
+    return results
+
+
+def _pairs_set(benchmark: str, path: Path, lang: str) -> PairsRetrievalSet:
+    from mlilt.data.pairs import read_pairs
+    from mlilt.train import Split
+
+    split = Split.from_pairs(read_pairs(path, lang=lang))
+    return PairsRetrievalSet(benchmark, lang, split.images, split.captions, split.caption_image)
+
+
+def _need(value, option: str):
+    if not value:
+        raise UsageError(f"this benchmark needs {option}")
+    return value

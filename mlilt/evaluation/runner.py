@@ -1,0 +1,112 @@
+"""Evaluate packs on retrieval benchmarks, fast across languages.
+
+Image embeddings are computed once per image side (tower + anchor) for the union of every
+language's gallery — through the on-disk feature cache — and reused for every language and
+every pack on that image side. Text is encoded per language in length-sorted batches.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mlilt import atomic
+from mlilt.data.feature_cache import FeatureCache, tower_features
+from mlilt.data.images import image_id
+from mlilt.encode import encode_texts
+from mlilt.errors import UsageError
+from mlilt.evaluation.retrieval import retrieval_metrics
+from mlilt.model import SideEncoder
+
+
+@dataclass
+class EvalResult:
+    benchmark: str
+    language: str
+    model: str  # the pack's name (its folder name)
+    pretrained: str  # where it came from (the pack path)
+    metrics: dict
+    counts: dict
+
+    def clip_benchmark_json(self) -> dict:
+        """The fields CLIP_benchmark writes, so existing tooling reads our results."""
+        return {"dataset": self.benchmark, "model": self.model, "pretrained": self.pretrained,
+                "task": "zeroshot_retrieval", "metrics": self.metrics, "language": self.language,
+                "counts": self.counts}
+
+
+class ImageSpace:
+    """Embeddings of one image side, computed once per distinct image."""
+
+    def __init__(self, image: SideEncoder, use_cache: bool = True):
+        self.image = image
+        self.cache = FeatureCache(image.tower) if use_cache else None
+        self.embeddings: dict[str, torch.Tensor] = {}
+
+    def add(self, images: list) -> None:
+        todo = {image_id(img): img for img in images}
+        todo = {key: img for key, img in todo.items() if key not in self.embeddings}
+        if not todo:
+            return
+        features = tower_features(self.image.tower, list(todo.values()), cache=self.cache)
+        with torch.no_grad():
+            projected = self.image.project(features)
+        self.embeddings.update(zip(todo, projected))
+
+    def of(self, images: list) -> torch.Tensor:
+        return torch.stack([self.embeddings[image_id(img)] for img in images])
+
+
+def evaluate_sets(text: SideEncoder, space: ImageSpace, sets: list, model_name: str, pretrained: str) -> list[EvalResult]:
+    """Retrieval metrics of one text side on each RetrievalSet (all share ``space``)."""
+    for item in sets:
+        space.add(item.images)  # the union first: one image-tower pass for every language
+    results = []
+    for item in sets:
+        text_emb = encode_texts(text, item.captions)
+        metrics = retrieval_metrics(text_emb, space.of(item.images), item.caption_image)
+        results.append(EvalResult(item.benchmark, item.language, model_name, pretrained,
+                                  {k: round(v, 4) for k, v in metrics.items()}, dict(item.counts)))
+    return results
+
+
+def write_results(results: list[EvalResult], out: Path) -> None:
+    """One CLIP_benchmark-style JSON per (benchmark, language, model), and a CSV of the run."""
+    for result in results:
+        name = f"{result.benchmark}_{result.language}_{result.model}.json"
+        atomic.write_text(out / name, json.dumps(result.clip_benchmark_json(), indent=2, sort_keys=True) + "\n")
+    atomic.write_text(out / "summary.csv", results_csv(results))
+
+
+def results_csv(results: list[EvalResult]) -> str:
+    metric_names = list(results[0].metrics) if results else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["benchmark", "language", "model", "pretrained", *metric_names])
+    for r in results:
+        writer.writerow([r.benchmark, r.language, r.model, r.pretrained, *[r.metrics[m] for m in metric_names]])
+    return buffer.getvalue()
+
+
+def plan_languages(pack_languages: list[str], requested: list[str] | None, available: list[str]) -> dict[int, list[str]]:
+    """Which languages each pack is evaluated on (pack index -> languages).
+
+    No --langs: each pack on its own language. One pack with --langs: that pack on each
+    requested language (cross-lingual transfer). Several packs with --langs: the packs whose
+    language was requested, each on its own language.
+    """
+    everything = requested is not None and requested == ["all"]
+    if requested is None or (everything and len(pack_languages) > 1):
+        plan = {i: [lang] for i, lang in enumerate(pack_languages) if lang in available}
+    elif len(pack_languages) == 1:
+        plan = {0: list(available) if everything else list(requested)}
+    else:
+        plan = {i: [lang] for i, lang in enumerate(pack_languages) if lang in requested}
+    if not any(plan.values()):
+        raise UsageError(f"nothing to evaluate: packs for {', '.join(pack_languages)}, benchmark languages "
+                         f"{', '.join(available[:40])}")
+    return plan

@@ -1,0 +1,90 @@
+"""mlilt eval: packs on retrieval sets, image tower run once per image side for all languages."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mlilt.cli import app
+from mlilt.data.demo import generate_demo
+from mlilt.errors import UsageError
+from mlilt.evaluation.evaluate import evaluate
+from mlilt.evaluation.runner import plan_languages
+from mlilt.towers.registry import register_tower
+from mlilt.train import train
+from mlilt.train_config import TrainConfig
+from tiny_towers import tiny_text_tower, tiny_timm_vit
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory):
+    torch.set_num_threads(1)  # tiny tensors: threads cost more than they save
+    text, image = tiny_text_tower(), tiny_timm_vit()
+    register_tower(text)
+    register_tower(image)
+    root = tmp_path_factory.mktemp("eval")
+    generate_demo(root / "data", ["en", "sw", "de"], n=50, image_size=32)
+    common = dict(text_tower=text.spec, image_tower=image.spec, epochs=1, batch_size=8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLILT_CACHE", str(root / "cache"))
+        train(TrainConfig(lang="sw", data=str(root / "data/sw/train.jsonl"), out=str(root / "packs/sw"), **common))
+        train(TrainConfig(lang="en", data=str(root / "data/en/train.jsonl"), out=str(root / "packs/en"),
+                          anchor=str(root / "packs/sw"), method="lora", **common))
+    yield root, image
+    torch.set_num_threads(2)
+
+
+def test_folder_of_packs_each_on_its_own_language_with_one_image_pass(packs):
+    root, image_tower = packs
+    before = image_tower.calls.count
+    results = evaluate("demo", [str(root / "packs")], root=str(root / "data"))
+    assert sorted((r.language, r.model) for r in results) == [("en", "en"), ("sw", "sw")]
+    test_images = len((root / "data/sw/test.jsonl").read_text().splitlines())
+    assert test_images <= 32  # so one feature batch holds them all
+    # Two languages, two packs on one anchor: the images go through the tower once.
+    assert image_tower.calls.count - before == 1
+    for r in results:
+        assert set(r.metrics) >= {"image_retrieval_recall@1", "text_retrieval_recall@10", "mean_recall"}
+        assert 0 <= r.metrics["mean_recall"] <= 100
+
+
+def test_one_pack_on_several_languages_is_cross_lingual_transfer(packs):
+    root, image_tower = packs
+    results = evaluate("demo", [str(root / "packs/sw")], root=str(root / "data"), langs=["all"])
+    assert sorted(r.language for r in results) == ["de", "en", "sw"]
+    assert {r.model for r in results} == {"sw"}
+
+
+def test_plan_languages_rules():
+    assert plan_languages(["sw"], None, ["en", "sw"]) == {0: ["sw"]}
+    assert plan_languages(["sw"], ["en"], ["en", "sw"]) == {0: ["en"]}
+    assert plan_languages(["sw", "en"], ["all"], ["en", "sw", "de"]) == {0: ["sw"], 1: ["en"]}
+    assert plan_languages(["sw", "en"], ["en"], ["en", "sw"]) == {1: ["en"]}
+    with pytest.raises(UsageError, match="nothing to evaluate"):
+        plan_languages(["bn"], None, ["en", "sw"])
+
+
+def test_cli_writes_clip_benchmark_json_and_csv(packs, tmp_path):
+    root, _ = packs
+    out = tmp_path / "results"
+    result = runner.invoke(app, ["eval", "--benchmark", "demo", "--root", str(root / "data"),
+                                 "--pack", str(root / "packs/sw"), "--langs", "sw,de", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "demo_sw_sw.json").read_text())
+    assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(record)
+    assert record["dataset"] == "demo" and record["language"] == "sw"
+    lines = (out / "summary.csv").read_text().splitlines()
+    assert lines[0].startswith("benchmark,language,model") and len(lines) == 3
+
+
+def test_cli_unknown_language_names_what_exists(packs, tmp_path):
+    root, _ = packs
+    result = runner.invoke(app, ["eval", "--benchmark", "demo", "--root", str(root / "data"),
+                                 "--pack", str(root / "packs/sw"), "--langs", "xx", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "xx" in result.output and "sw" in result.output
+    assert not (tmp_path / "r").exists()
