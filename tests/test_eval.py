@@ -88,3 +88,29 @@ def test_cli_unknown_language_names_what_exists(packs, tmp_path):
     assert result.exit_code == 2
     assert "xx" in result.output and "sw" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_all_36_xm3600_languages_cost_one_image_tower_pass(packs, tmp_path):
+    from test_benchmarks import XM_LANGS, _write_xm3600
+
+    root, image_tower = packs
+    _write_xm3600(tmp_path)
+    before = image_tower.calls.count
+    with pytest.warns(UserWarning, match="images_missing_on_disk"):
+        results = evaluate("xm3600", [str(root / "packs/sw")], root=str(tmp_path), langs=["all"])
+    assert sorted(r.language for r in results) == sorted(XM_LANGS)
+    assert image_tower.calls.count - before == 1  # 4 images on disk, every language
+    german = next(r for r in results if r.language == "de")
+    assert german.counts["images_missing_on_disk"] == 1 and german.counts["images_without_language"] == 2
+
+
+def test_cli_reports_what_the_benchmark_left_out(packs, tmp_path):
+    from test_benchmarks import _write_xm3600
+
+    root, _ = packs
+    _write_xm3600(tmp_path)
+    result = runner.invoke(app, ["eval", "--benchmark", "xm3600", "--root", str(tmp_path), "--pack",
+                                 str(root / "packs/sw"), "--langs", "de,sw", "--captions", "all"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "images_missing_on_disk=1" in result.output and "images_without_language=2" in result.output

@@ -1,6 +1,7 @@
 """``mlilt eval``: retrieval benchmarks for packs."""
 from __future__ import annotations
 
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -31,13 +32,20 @@ def eval_command(
     from mlilt.evaluation.runner import write_results
 
     codes = [code.strip() for code in langs.split(",") if code.strip()] if langs else None
-    results = evaluate(benchmark, pack, root=root, langs=codes, captions=captions, data=data)
+    with warnings.catch_warnings():  # what was left out is printed below, once, with the table
+        warnings.simplefilter("ignore", UserWarning)
+        results = evaluate(benchmark, pack, root=root, langs=codes, captions=captions, data=data)
     table = Table(title=f"{benchmark} retrieval, recall %")
     for column in ("language", "pack", "t2i R@1", "t2i R@5", "i2t R@1", "i2t R@5", "mean"):
         table.add_column(column, justify="left" if column in ("language", "pack") else "right")
     for r in results:
         table.add_row(r.language, r.model, *[f"{r.metrics[m]:.1f}" for m in SHOWN])
     console.print(table)
+    for r in results:
+        left_out = {k: v for k, v in r.counts.items() if v and k != "captions_dropped_not_first"}
+        if left_out:
+            console.print(f"note: {r.benchmark}/{r.language}: left out "
+                          + ", ".join(f"{k}={v}" for k, v in sorted(left_out.items())))
     if out:
         write_results(results, Path(out))
         console.print(f"results written to {out}")
