@@ -84,9 +84,14 @@ def evaluate(benchmark: str, packs: list[str], root: str | None = None, langs: l
 
 def _pairs_set(benchmark: str, path: Path, lang: str) -> PairsRetrievalSet:
     from mlilt.data.pairs import read_pairs
+
+    return pairs_retrieval_set(benchmark, read_pairs(path, lang=lang), lang)
+
+
+def pairs_retrieval_set(benchmark: str, pairs, lang: str) -> PairsRetrievalSet:
     from mlilt.train import Split
 
-    split = Split.from_pairs(read_pairs(path, lang=lang))
+    split = Split.from_pairs(pairs)
     return PairsRetrievalSet(benchmark, lang, split.images, split.captions, split.caption_image)
 
 
