@@ -114,3 +114,29 @@ def test_cli_reports_what_the_benchmark_left_out(packs, tmp_path):
                            terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "images_missing_on_disk=1" in result.output and "images_without_language=2" in result.output
+
+
+@pytest.fixture
+def tiny_open_clip(tmp_path):
+    import open_clip
+
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                                              "head_width": 16},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    (tmp_path / "mlilt-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path)
+    return "mlilt-tiny-clip:"  # empty PRETRAINED: random weights, nothing to download
+
+
+def test_reference_open_clip_model_runs_through_the_same_code(packs, tiny_open_clip):
+    root, _ = packs
+    results = evaluate("demo", [str(root / "packs/sw")], root=str(root / "data"), references=[tiny_open_clip])
+    assert [(r.language, r.model) for r in results] == [("sw", "sw"), ("sw", "mlilt-tiny-clip")]
+    torch.manual_seed(0)  # the tiny reference has random weights: the same ones in both runs
+    alone = evaluate("demo", [], root=str(root / "data"), langs=["sw", "en"], references=[tiny_open_clip])
+    assert sorted(r.language for r in alone) == ["en", "sw"]
+    torch.manual_seed(0)
+    sw_only = evaluate("demo", [], root=str(root / "data"), langs=["sw"], references=[tiny_open_clip])
+    assert alone[[r.language for r in alone].index("sw")].metrics == sw_only[0].metrics
+    with pytest.raises(UsageError, match="--langs"):
+        evaluate("demo", [], root=str(root / "data"), references=[tiny_open_clip])

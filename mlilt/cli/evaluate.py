@@ -17,7 +17,10 @@ SHOWN = ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval
 def eval_command(
     benchmark: Annotated[str, typer.Option(help="xm3600, xtd10, multi30k, demo (a `mlilt data demo` folder), "
                                                 "or custom (--data).")],
-    pack: Annotated[list[str], typer.Option(help="Pack folder or name, or a folder of packs; repeatable.")],
+    pack: Annotated[Optional[list[str]], typer.Option(help="Pack folder or name, or a folder of packs; "
+                                                           "repeatable.")] = None,
+    reference: Annotated[Optional[list[str]], typer.Option(help="An aligned open_clip model to compare with, "
+                                                                "MODEL:PRETRAINED; repeatable.")] = None,
     root: Annotated[Optional[str], typer.Option(help="Folder holding the benchmark in its official layout.")] = None,
     langs: Annotated[Optional[str], typer.Option(help="Comma-separated codes, or 'all'. Default: each pack on "
                                                       "its own language.")] = None,
@@ -34,7 +37,8 @@ def eval_command(
     codes = [code.strip() for code in langs.split(",") if code.strip()] if langs else None
     with warnings.catch_warnings():  # what was left out is printed below, once, with the table
         warnings.simplefilter("ignore", UserWarning)
-        results = evaluate(benchmark, pack, root=root, langs=codes, captions=captions, data=data)
+        results = evaluate(benchmark, pack or [], root=root, langs=codes, captions=captions, data=data,
+                           references=reference or [])
     table = Table(title=f"{benchmark} retrieval, recall %")
     for column in ("language", "pack", "t2i R@1", "t2i R@5", "i2t R@1", "i2t R@5", "mean"):
         table.add_column(column, justify="left" if column in ("language", "pack") else "right")

@@ -59,17 +59,25 @@ def available_languages(benchmark: str, root: str | None, data: str | None) -> l
 
 
 def evaluate(benchmark: str, packs: list[str], root: str | None = None, langs: list[str] | None = None,
-             captions: str = "first", data: str | None = None) -> list[EvalResult]:
-    from mlilt.api import image_side_of, text_side_of
-
-    loaded = find_packs(packs)
+             captions: str = "first", data: str | None = None, references: list[str] = ()) -> list[EvalResult]:
+    """Evaluate packs (and open_clip reference models) on ``benchmark``, one image pass per image side."""
+    loaded = find_packs(packs) if packs else []
+    if not loaded and not references:
+        raise UsageError("name at least one --pack or --reference")
     available = available_languages(benchmark, root, data)
-    plan = plan_languages([p.config.language for p in loaded], langs, available)
-    needed = sorted({lang for chosen in plan.values() for lang in chosen})
+    plan = plan_languages([p.config.language for p in loaded], langs, available) if loaded else {}
+    reference_langs = _reference_languages(plan, langs, available)
+    needed = sorted({lang for chosen in plan.values() for lang in chosen} | set(reference_langs if references else []))
     unknown = [lang for lang in needed if lang not in available]
     if unknown:
         raise UsageError(f"{benchmark} has no language {', '.join(unknown)}; it has: {', '.join(available)}")
     sets = benchmark_sets(benchmark, root, needed, captions, data)
+    return _evaluate_packs(loaded, plan, sets) + _evaluate_references(references, reference_langs, sets)
+
+
+def _evaluate_packs(loaded: list[Pack], plan: dict[int, list[str]], sets: dict) -> list[EvalResult]:
+    from mlilt.api import image_side_of, text_side_of
+
     spaces: dict[str, ImageSpace] = {}
     results = []
     for index, chosen in plan.items():
@@ -80,6 +88,26 @@ def evaluate(benchmark: str, packs: list[str], root: str | None = None, langs: l
         results += evaluate_sets(text_side_of(pack), spaces[space_id], [sets[lang] for lang in chosen],
                                  pack.path.name, str(pack.path))
     return results
+
+
+def _evaluate_references(references: list[str], langs: list[str], sets: dict) -> list[EvalResult]:
+    from mlilt.evaluation.reference import reference_sides
+
+    results = []
+    for spec in references:
+        text, image = reference_sides(spec)
+        name, _, pretrained = spec.partition(":")
+        results += evaluate_sets(text, ImageSpace(image), [sets[lang] for lang in langs], name, pretrained)
+    return results
+
+
+def _reference_languages(plan: dict[int, list[str]], langs: list[str] | None, available: list[str]) -> list[str]:
+    """A reference model runs on the languages the packs run on, else on what --langs names."""
+    if plan:
+        return sorted({lang for chosen in plan.values() for lang in chosen})
+    if not langs:
+        raise UsageError("with only --reference models, say which languages: --langs sw,en or --langs all")
+    return list(available) if langs == ["all"] else list(langs)
 
 
 def _pairs_set(benchmark: str, path: Path, lang: str) -> PairsRetrievalSet:

@@ -159,15 +159,23 @@ def _timm_tower(spec: str, name: str) -> ImageTower:
 
 
 def _open_clip_tower(spec: str) -> ImageTower:
+    return open_clip_visual_tower(spec, create_open_clip(spec))
+
+
+def create_open_clip(spec: str):
+    """The whole open_clip model for ``MODEL:PRETRAINED`` (an empty PRETRAINED: random init)."""
     import open_clip
-    name, pretrained = spec.split(":", 1)
+    name, _, pretrained = spec.partition(":")
     if name not in open_clip.list_models():
-        raise UsageError(f"image tower {spec!r}: {name!r} is not an open_clip model "
+        raise UsageError(f"tower {spec!r}: {name!r} is not an open_clip model "
                          f"(see open_clip.list_models(); e.g. ViT-B-32:openai)")
     try:
-        model = open_clip.create_model(name, pretrained=pretrained)
+        return open_clip.create_model(name, pretrained=pretrained or None)
     except (RuntimeError, OSError, ValueError) as error:
         raise TowerLoadError(_unreachable(spec, "open_clip weights", error)) from error
+
+
+def open_clip_visual_tower(spec: str, model) -> ImageTower:
     cfg = model.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][-1]
     preprocess = ImagePreprocess(size, size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"))
