@@ -140,3 +140,58 @@ def test_reference_open_clip_model_runs_through_the_same_code(packs, tiny_open_c
     assert alone[[r.language for r in alone].index("sw")].metrics == sw_only[0].metrics
     with pytest.raises(UsageError, match="--langs"):
         evaluate("demo", [], root=str(root / "data"), references=[tiny_open_clip])
+
+
+def _zeroshot_tree(root, labels_file=False):
+    from PIL import Image
+
+    colours = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
+    rows = []
+    for class_id, rgb in colours.items():
+        for i in range(3):
+            path = root / "images" / class_id / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), tuple(max(0, c - 10 * i) for c in rgb)).save(path)
+            rows.append({"image": f"images/{class_id}/{i}.png", "label": class_id})
+    (root / "classnames").mkdir()
+    (root / "classnames" / "sw.txt").write_text("red\tnyekundu\nblue\tbluu\ngreen\tkijani\n")
+    (root / "templates").mkdir()
+    (root / "templates" / "sw.txt").write_text("picha ya {}\nrangi {}\n")
+    if labels_file:
+        (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    return root
+
+
+def test_zeroshot_accuracy_matches_a_hand_count():
+    from mlilt.evaluation.zeroshot import accuracy
+
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [1.0, 0.1]])
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7071, 0.7071]])
+    metrics = accuracy(images, weights, [0, 1, 2, 2])
+    # top-1 predictions: 0, 1, 2, 0 -> 3 of 4 right; class recalls 1, 1, 1/2
+    assert metrics["acc1"] == pytest.approx(75.0)
+    assert metrics["acc5"] == pytest.approx(100.0)
+    assert metrics["mean_per_class_recall"] == pytest.approx(100 * (1 + 1 + 0.5) / 3)
+
+
+@pytest.mark.parametrize("labels_file", [False, True])
+def test_zeroshot_benchmark_through_the_cli(packs, tmp_path, labels_file):
+    root, _ = packs
+    tree = _zeroshot_tree(tmp_path / "zs", labels_file)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["eval", "--benchmark", "zeroshot", "--root", str(tree), "--pack",
+                                 str(root / "packs/sw"), "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "zeroshot_sw_sw.json").read_text())
+    assert record["task"] == "zeroshot_classification"
+    assert 0 <= record["metrics"]["acc1"] <= record["metrics"]["acc5"] <= 100
+
+
+def test_zeroshot_bad_classnames_file_names_the_line(packs, tmp_path):
+    root, _ = packs
+    tree = _zeroshot_tree(tmp_path / "zs")
+    (tree / "classnames" / "sw.txt").write_text("red nyekundu\n")
+    result = runner.invoke(app, ["eval", "--benchmark", "zeroshot", "--root", str(tree), "--pack",
+                                 str(root / "packs/sw")])
+    assert result.exit_code == 3
+    assert "sw.txt:1" in result.output

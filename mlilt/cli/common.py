@@ -10,7 +10,7 @@ from rich.console import Console
 from mlilt.errors import MliltError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # never break a path in two
 
 EXIT_FAILURE = 1  # something failed that is not the user's input (and uncaught errors)
 

@@ -9,14 +9,18 @@ from rich.table import Table
 
 from mlilt.cli.common import console, user_errors
 
-SHOWN = ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
-         "text_retrieval_recall@5", "mean_recall")
+COLUMNS = {  # task -> (header, metric)
+    "zeroshot_retrieval": (("t2i R@1", "image_retrieval_recall@1"), ("t2i R@5", "image_retrieval_recall@5"),
+                           ("i2t R@1", "text_retrieval_recall@1"), ("i2t R@5", "text_retrieval_recall@5"),
+                           ("mean", "mean_recall")),
+    "zeroshot_classification": (("acc@1", "acc1"), ("acc@5", "acc5"), ("mean per-class recall", "mean_per_class_recall")),
+}
 
 
 @user_errors
 def eval_command(
     benchmark: Annotated[str, typer.Option(help="xm3600, xtd10, multi30k, demo (a `mlilt data demo` folder), "
-                                                "or custom (--data).")],
+                                                "custom (--data), or zeroshot (classification folder).")],
     pack: Annotated[Optional[list[str]], typer.Option(help="Pack folder or name, or a folder of packs; "
                                                            "repeatable.")] = None,
     reference: Annotated[Optional[list[str]], typer.Option(help="An aligned open_clip model to compare with, "
@@ -39,11 +43,14 @@ def eval_command(
         warnings.simplefilter("ignore", UserWarning)
         results = evaluate(benchmark, pack or [], root=root, langs=codes, captions=captions, data=data,
                            references=reference or [])
-    table = Table(title=f"{benchmark} retrieval, recall %")
-    for column in ("language", "pack", "t2i R@1", "t2i R@5", "i2t R@1", "i2t R@5", "mean"):
-        table.add_column(column, justify="left" if column in ("language", "pack") else "right")
+    columns = COLUMNS[results[0].task]
+    table = Table(title=f"{benchmark}, %")
+    table.add_column("language")
+    table.add_column("model")
+    for header, _ in columns:
+        table.add_column(header, justify="right")
     for r in results:
-        table.add_row(r.language, r.model, *[f"{r.metrics[m]:.1f}" for m in SHOWN])
+        table.add_row(r.language, r.model, *[f"{r.metrics[metric]:.1f}" for _, metric in columns])
     console.print(table)
     for r in results:
         left_out = {k: v for k, v in r.counts.items() if v and k != "captions_dropped_not_first"}

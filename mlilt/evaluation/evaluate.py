@@ -8,7 +8,7 @@ from mlilt.errors import UsageError
 from mlilt.evaluation.runner import EvalResult, ImageSpace, evaluate_sets, plan_languages
 from mlilt.packs import PACK_CONFIG, Pack, read_pack
 
-LOCAL_BENCHMARKS = ("demo", "custom")
+LOCAL_BENCHMARKS = ("demo", "custom", "zeroshot")
 
 
 @dataclass
@@ -43,6 +43,9 @@ def benchmark_sets(benchmark: str, root: str | None, langs: list[str], captions:
         return {lang: _pairs_set("demo", Path(_need(root, "--root")) / lang / "test.jsonl", lang) for lang in langs}
     if benchmark == "custom":
         return {lang: _pairs_set("custom", Path(_need(data, "--data")), lang) for lang in langs}
+    if benchmark == "zeroshot":
+        from mlilt.evaluation.zeroshot import load_zeroshot
+        return {lang: load_zeroshot(_need(root, "--root"), lang) for lang in langs}
     from mlilt.evaluation.benchmarks import load_benchmark
     return load_benchmark(benchmark, _need(root, "--root"), langs, captions=captions)
 
@@ -54,6 +57,9 @@ def available_languages(benchmark: str, root: str | None, data: str | None) -> l
     if benchmark == "custom":
         from mlilt.data.pairs import read_pairs
         return sorted(read_pairs(_need(data, "--data"), check_images=False).summary()["langs"])
+    if benchmark == "zeroshot":
+        from mlilt.evaluation.zeroshot import zeroshot_languages
+        return zeroshot_languages(_need(root, "--root"))
     from mlilt.evaluation.benchmarks import benchmark_languages
     return benchmark_languages(benchmark)
 

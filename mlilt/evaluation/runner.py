@@ -31,11 +31,12 @@ class EvalResult:
     pretrained: str  # where it came from (the pack path)
     metrics: dict
     counts: dict
+    task: str = "zeroshot_retrieval"
 
     def clip_benchmark_json(self) -> dict:
         """The fields CLIP_benchmark writes, so existing tooling reads our results."""
         return {"dataset": self.benchmark, "model": self.model, "pretrained": self.pretrained,
-                "task": "zeroshot_retrieval", "metrics": self.metrics, "language": self.language,
+                "task": self.task, "metrics": self.metrics, "language": self.language,
                 "counts": self.counts}
 
 
@@ -67,15 +68,24 @@ def evaluate_sets(text: SideEncoder, space: ImageSpace, sets: list, model_name: 
         space.add(item.images)  # the union first: one image-tower pass for every language
     results = []
     for item in sets:
-        text_emb = encode_texts(text, item.captions)
-        metrics = retrieval_metrics(text_emb, space.of(item.images), item.caption_image)
+        metrics, task = _metrics(text, space, item)
         results.append(EvalResult(item.benchmark, item.language, model_name, pretrained,
-                                  {k: round(v, 4) for k, v in metrics.items()}, dict(item.counts)))
+                                  {k: round(v, 4) for k, v in metrics.items()}, dict(item.counts), task))
     return results
+
+
+def _metrics(text: SideEncoder, space: ImageSpace, item) -> tuple[dict, str]:
+    from mlilt.evaluation.zeroshot import ZeroShotSet, accuracy, classifier
+
+    if isinstance(item, ZeroShotSet):
+        return accuracy(space.of(item.images), classifier(text, item), item.labels), "zeroshot_classification"
+    text_emb = encode_texts(text, item.captions)
+    return retrieval_metrics(text_emb, space.of(item.images), item.caption_image), "zeroshot_retrieval"
 
 
 def write_results(results: list[EvalResult], out: Path) -> None:
     """One CLIP_benchmark-style JSON per (benchmark, language, model), and a CSV of the run."""
+    out.mkdir(parents=True, exist_ok=True)
     for result in results:
         name = f"{result.benchmark}_{result.language}_{result.model}.json"
         atomic.write_text(out / name, json.dumps(result.clip_benchmark_json(), indent=2, sort_keys=True) + "\n")
