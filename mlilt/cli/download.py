@@ -18,8 +18,8 @@ class Benchmark(str, enum.Enum):
 @user_errors
 def download_command(
     benchmark: Annotated[Benchmark, typer.Argument(help="Benchmark to fetch.", case_sensitive=False)],
-    root: Annotated[Path, typer.Option(help="Folder that gets <benchmark>/ (and .downloads/ for the archives).")]
-    = Path("benchmarks"),
+    root: Annotated[Path, typer.Option(help="Folder that gets <benchmark>/ (and .downloads/ for the archives), "
+                                            "e.g. ~/data; pass the same --root to mlilt eval.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing xm3600 folder.")] = False,
 ):
     """Download a benchmark into ROOT, unpack it and verify it (re-run to resume).
