@@ -87,6 +87,10 @@ def _check_out(config: TrainConfig) -> None:
 
 def _load_data(config: TrainConfig) -> tuple[Split, Split, dict]:
     pairs = read_pairs(config.data, lang=config.lang, skip_bad=config.skip_bad)
+    if config.exclude_leaks:
+        from mlilt.data.leakage import exclude_leaks, find_leaks
+        report = find_leaks(pairs, config.exclude_leaks, config.leak_root, config.lang, config.leak_threshold)
+        pairs = exclude_leaks(pairs, report)
     holdout = int(config.holdout) if config.holdout >= 1 else config.holdout
     train_pairs, val_pairs = pairs.split(holdout, config.seed)
     train_split, val_split = Split.from_pairs(train_pairs), Split.from_pairs(val_pairs)

@@ -34,6 +34,9 @@ class TrainConfig:
     skip_bad: bool = False
     overwrite: bool = False
     cache_features: bool = True
+    exclude_leaks: str | None = None  # a benchmark whose test captions/images must not be trained on
+    leak_root: str | None = None  # where that benchmark lives (a pairs file for "custom")
+    leak_threshold: float = 80.0  # sentence chrF at or above which a caption counts as leaked
 
     def __post_init__(self):
         parse_method(self.method)  # raises a UsageError naming the bad part
@@ -47,7 +50,8 @@ class TrainConfig:
                   (self.embed_dim >= 1, "--embed-dim must be positive"),
                   (self.max_length >= 4, "--max-length must be at least 4 tokens"),
                   (bool(self.lang.strip()), "--lang must not be empty"),
-                  (self.pooling in (None, "mean", "cls"), "--pooling must be mean or cls")]
+                  (self.pooling in (None, "mean", "cls"), "--pooling must be mean or cls"),
+                  (self.exclude_leaks is None or bool(self.leak_root), "--exclude-leaks needs --leak-root")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)

@@ -14,12 +14,12 @@ EXIT_LEAKS = 1
 
 @user_errors
 def check_command(
-    data: Annotated[str, typer.Argument(help="Training pairs (.jsonl, .csv, .tsv, parquet, dataset).")],
+    data: Annotated[str, typer.Option(help="Training pairs (.jsonl, .csv, .tsv, parquet, dataset).")],
     against: Annotated[str, typer.Option(help="Benchmark: xm3600, xtd10, multi30k, demo (a `mlilt data demo` "
                                               "folder as --root) or custom (a pairs file as --root).")],
+    lang: Annotated[str, typer.Option(help="Language of the benchmark captions to check against.")],
     root: Annotated[Optional[str], typer.Option(help="Folder holding the benchmark (or the pairs file "
                                                      "for custom).")] = None,
-    lang: Annotated[str, typer.Option(help="Language of the benchmark captions to check against.")] = "en",
     threshold: Annotated[float, typer.Option(help="Flag captions with sentence chrF (0-100) at or above this.",
                                              min=0.0, max=100.0)] = 80.0,
 ):

@@ -6,10 +6,12 @@ from typing import Annotated
 import typer
 
 from mlilt.cli.common import console, user_errors
+from mlilt.cli.check import check_command
 from mlilt.cli.download import download_command
 
 app = typer.Typer(help="Make, fetch and inspect image-caption data.", no_args_is_help=True)
 app.command("download")(download_command)
+app.command("check")(check_command)
 
 
 @app.command("demo")

@@ -39,6 +39,11 @@ def train_command(
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count them.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = False,
+    exclude_leaks: Annotated[Optional[str], typer.Option(help="Drop pairs that leak this benchmark's test set "
+                                                              "(see `mlilt data check`): xm3600, xtd10, multi30k, "
+                                                              "demo, custom.")] = None,
+    leak_root: Annotated[Optional[str], typer.Option(help="Where the --exclude-leaks benchmark lives.")] = None,
+    leak_threshold: Annotated[float, typer.Option(help="chrF at or above which a caption is a leak.")] = 80.0,
 ):
     """Train a language pack on image-caption pairs with frozen towers."""
     from mlilt.train import train
@@ -48,7 +53,8 @@ def train_command(
                          image_tower=image_tower, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, holdout=holdout, embed_dim=embed_dim, max_length=max_length,
                          pooling=pooling, text_prefix=text_prefix, seed=seed, bf16=bf16, skip_bad=skip_bad,
-                         overwrite=overwrite)
+                         overwrite=overwrite, exclude_leaks=exclude_leaks, leak_root=leak_root,
+                         leak_threshold=leak_threshold)
     result = train(config, console=console)
     print_report(result.report)
     val = result.metrics
