@@ -173,6 +173,19 @@ def test_xtd10(tmp_path, image_dir):
     assert _load("xtd10", tmp_path, ["en"], captions="all")["en"].captions == sets["en"].captions
 
 
+def test_xtd10_mic_and_stair_caption_files(tmp_path):
+    folder, names = _write_xtd10(tmp_path)
+    for lang, subset in (("de", "MIC"), ("jp", "STAIR")):
+        (folder / subset).mkdir(exist_ok=True)
+        (folder / f"test_1kcaptions_{lang}.txt").rename(folder / subset / f"test_1kcaptions_{lang}.txt")
+    sets = _load("xtd10", tmp_path, ["de", "jp"])
+    assert sets["de"].captions[0] == f"de caption of {names[0]}"
+    assert sets["jp"].captions[0] == f"jp caption of {names[0]}"
+    (folder / "STAIR" / "test_1kcaptions_jp.txt").unlink()
+    with pytest.raises(DataError, match="STAIR"):
+        _load("xtd10", tmp_path, ["jp"])
+
+
 def test_xtd10_line_count_mismatch(tmp_path):
     folder, _ = _write_xtd10(tmp_path)
     (folder / "test_1kcaptions_fr.txt").write_text("one\ntwo\n", encoding="utf-8")

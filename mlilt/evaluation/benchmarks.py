@@ -15,9 +15,10 @@ Layouts (``root`` may be the folder that holds ``<name>/`` or that folder itself
 ``xtd10`` (XTD10, the 1k COCO train2014 test images of the XTD paper)
     ``<root>/xtd10/test_image_names.txt`` (one COCO file name per line),
     ``<root>/xtd10/test_1kcaptions_<lang>.txt`` (line i captions image i) and the images in
-    ``<root>/xtd10/images/`` or ``<root>/xtd10/train2014/``. The MIC (de, fr) and STAIR (jp)
-    caption variants shipped beside them are not read: the ``test_1kcaptions`` files are the
-    ones CLIP_benchmark and the multilingual CLIP papers report on.
+    ``<root>/xtd10/images/`` or ``<root>/xtd10/train2014/``. de and fr captions may also come
+    from the MIC set (``MIC/test_1kcaptions_<lang>.txt``) and jp from STAIR
+    (``STAIR/test_1kcaptions_jp.txt``), as the XTD10 repository ships them; a top-level file
+    wins when both exist.
 
 ``multi30k`` (Multi30K task 1, test 2016 Flickr split)
     ``<root>/multi30k/test_2016_flickr.txt`` (image file names, as
@@ -242,11 +243,24 @@ def _missing_caption_file(path: Path, name: str) -> Path:
     return path
 
 
+XTD10_SUBSETS = {"de": "MIC", "fr": "MIC", "jp": "STAIR"}  # where the repository keeps these
+
+
+def _xtd10_caption_file(folder: Path, lang: str) -> Path:
+    name = f"test_1kcaptions_{lang}.txt"
+    candidates = [folder / name] + ([folder / XTD10_SUBSETS[lang] / name] if lang in XTD10_SUBSETS else [])
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        raise DataError(f"xtd10: caption file for {lang} not found; looked for "
+                        + ", ".join(str(path) for path in candidates))
+    return found
+
+
 def _load_xtd10(root: Path, langs: list[str], captions: str) -> dict[str, RetrievalSet]:
     folder = _locate(root, "xtd10", "test_image_names.txt")
     return _load_aligned(
         "xtd10", folder, folder / "test_image_names.txt",
-        lambda lang: _missing_caption_file(folder / f"test_1kcaptions_{lang}.txt", "xtd10"),
+        lambda lang: _xtd10_caption_file(folder, lang),
         ["images", "train2014"], langs, captions)
 
 
