@@ -35,3 +35,15 @@ def _session_towers_dir(tmp_path_factory):
         path.mkdir(parents=True, exist_ok=True)
         _TOWERS_DIR.append(path)
     return _TOWERS_DIR[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny towers gain nothing from intra-op threads; on small machines the hand-off costs
+    100x the work itself. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,9 +20,11 @@ from tiny_towers import tiny_text_tower, tiny_timm_vit
 runner = CliRunner()
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
-def packs(tmp_path_factory):
-    torch.set_num_threads(1)  # tiny tensors: threads cost more than they save
+def packs(tmp_path_factory, one_thread):
     text, image = tiny_text_tower(), tiny_timm_vit()
     register_tower(text)
     register_tower(image)
@@ -34,8 +36,7 @@ def packs(tmp_path_factory):
         train(TrainConfig(lang="sw", data=str(root / "data/sw/train.jsonl"), out=str(root / "packs/sw"), **common))
         train(TrainConfig(lang="en", data=str(root / "data/en/train.jsonl"), out=str(root / "packs/en"),
                           anchor=str(root / "packs/sw"), method="lora", **common))
-    yield root, image
-    torch.set_num_threads(2)
+    return root, image
 
 
 def test_folder_of_packs_each_on_its_own_language_with_one_image_pass(packs):

@@ -45,13 +45,7 @@ CAPTIONS = ["a large red circle", "small blue square and green star", "duara nye
 # --------------------------------------------------------------------------- module set-up
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads; on small machines they cost 100x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
