@@ -10,6 +10,7 @@ read and recomputed, and concurrent writers only ever replace a file with an equ
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ class FeatureCache:
         self.folder = (root or cache_dir() / "features") / tower.fingerprint()[:24]
         self.hits = 0
         self.misses = 0
+        self._warned = False
 
     def _file(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.npy"
@@ -41,9 +43,17 @@ class FeatureCache:
         return features
 
     def put(self, key: str, features: np.ndarray) -> None:
+        """Store an entry; a cache that cannot be written (read-only, full, something in the
+        way) costs recomputation next time, never the features of this run."""
         buffer = io.BytesIO()
-        np.save(buffer, features.astype(np.float32), allow_pickle=False)
-        atomic.write_bytes(self._file(key), buffer.getvalue())
+        np.save(buffer, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
+        try:
+            atomic.write_bytes(self._file(key), buffer.getvalue())
+        except OSError as error:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"feature cache {self.folder}: cannot write entries ({error}); "
+                              f"features are computed but not cached", stacklevel=3)
 
 
 def tower_features(tower: ImageTower, images: list[ImageLike], batch_size: int = 32,

@@ -86,7 +86,7 @@ def _where(ref: ImageRef, source: str | None) -> str:
 def image_id(ref: ImageLike, source: str | None = None) -> str:
     """sha256 of the image's encoded bytes; keys the feature caches.
 
-    For files the digest is cached by (path, size, mtime_ns): asking again is one ``stat``,
+    For files the digest is cached by (path, size, mtime_ns, ctime_ns, inode): asking again is one ``stat``,
     and an edited file gets a new id.
     """
     ref = as_ref(ref)
@@ -97,13 +97,14 @@ def image_id(ref: ImageLike, source: str | None = None) -> str:
     path = os.path.abspath(ref.path)
     try:
         st = os.stat(path)
-        return _file_sha256(path, st.st_size, st.st_mtime_ns)
+        # ctime and inode change on every write and cannot be set back by a user, unlike mtime.
+        return _file_sha256(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     except (OSError, ValueError) as exc:
         raise DataError(f"{_where(ref, source)}: cannot read {path} ({_reason(exc)})") from None
 
 
 @functools.lru_cache(maxsize=1 << 18)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+def _file_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
