@@ -16,6 +16,8 @@ import torch
 
 from mlilt.api import image_side_of
 from mlilt.build import build_sides
+from mlilt.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
+                              remove_checkpoint, save_checkpoint)
 from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id, load_image
 from mlilt.data.pairs import PairSet, read_pairs
@@ -68,15 +70,14 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     images = ImageSource(model.image, config)
     progress = TrainProgress(console)
     images.prepare(train_split, val_split, progress)
-    history = _fit(model, train_split, val_split, images, config, progress)
-    best = max(history[1:], key=lambda row: row["val"]["mean_recall"])
-    _restore(model, best.pop("_state"))
-    for row in history:
-        row.pop("_state", None)
-    pack_config = _pack_config(config, model, report, anchor, summary, best, images)
+    state = _fit(model, train_split, val_split, images, config, progress, summary.get("sha256", ""))
+    best = state.best
+    _restore(model, state.best_state)
+    pack_config = _pack_config(config, model, report, anchor, summary, best, images, state.skipped)
     pack = save_pack(config.out, model, pack_config, overwrite=config.overwrite)
-    (pack / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
-    return TrainResult(pack, best["val"], report, history)
+    (pack / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in state.history))
+    remove_checkpoint(checkpoint_dir(config.out))  # the pack is complete: nothing left to resume
+    return TrainResult(pack, best["val"], report, state.history)
 
 
 def _check_out(config: TrainConfig) -> None:
@@ -141,38 +142,79 @@ class ImageSource:
         return self.encoder(pixels)
 
 
-def _fit(model, train_split, val_split, images: ImageSource, config: TrainConfig, progress) -> list[dict]:
-    params = model.trainable_parameters()
+def _fit(model, train_split, val_split, images: ImageSource, config: TrainConfig, progress,
+         data_hash: str = "") -> FitState:
+    """Train, checkpointing every ``checkpoint_every`` steps and at each epoch end; resume from one."""
     steps_per_epoch = len(train_split.captions) // config.batch_size or 1
-    total = steps_per_epoch * config.epochs
     optimizer = _optimizer(model, config)
-    schedule = _schedule(optimizer, total, config)
+    schedule = _schedule(optimizer, steps_per_epoch * config.epochs, config)
     generator = torch.Generator().manual_seed(config.seed)
-    history = [{"epoch": 0, "val": validate(model, val_split, images), "_state": None}]
-    with progress.task("training", total * min(config.batch_size, len(train_split.captions))) as advance:
-        for epoch in range(1, config.epochs + 1):
-            started, losses = time.perf_counter(), []
-            for batch in _batches(len(train_split.captions), config.batch_size, generator):
-                loss = _step(model, train_split, images, batch, params, optimizer, config)
-                schedule.step()
-                losses.append(loss)
-                advance(len(batch), loss=loss)
-            seconds = time.perf_counter() - started
-            row = {"epoch": epoch, "loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0],
-                   "seconds": round(seconds, 3), "samples_per_s": round(len(losses) * config.batch_size / seconds, 2),
-                   "val": validate(model, val_split, images), "_state": _snapshot(model)}
-            history.append(row)
-            progress.log_epoch(row)
-    return history
+    where = checkpoint_dir(config.out)
+
+    def checkpoint(state: FitState) -> None:
+        save_checkpoint(where, state, model, optimizer, schedule, generator, config, data_hash)
+
+    if config.resume and find_checkpoint(config.out):
+        state = load_checkpoint(where, model, optimizer, schedule, generator, config, data_hash)
+    else:  # a checkpoint of another run is replaced now
+        state = FitState(history=[{"epoch": 0, "val": validate(model, val_split, images)}])
+        checkpoint(state)
+    size = min(config.batch_size, len(train_split.captions))
+    with progress.task("training", steps_per_epoch * config.epochs * size) as advance:
+        advance(state.step * size)
+        while state.epoch <= config.epochs:
+            _epoch(model, train_split, val_split, images, (optimizer, schedule, generator), config, state,
+                   checkpoint, advance)
+            progress.log_epoch(state.history[-1])
+    return state
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    order = torch.randperm(n, generator=generator).tolist()
-    size = min(batch_size, n)
-    return [order[i:i + size] for i in range(0, n - size + 1, size)]  # full batches: equal negatives
+def _epoch(model, split: Split, val_split: Split, images: ImageSource, training, config: TrainConfig,
+           state: FitState, checkpoint, advance) -> None:
+    """Run (the rest of) the epoch in progress, then validate and checkpoint it."""
+    optimizer, schedule, generator = training
+    params = model.trainable_parameters()
+    if state.order is None:
+        state.order = torch.randperm(len(split.captions), generator=generator).tolist()
+    batches = _batches(state.order, config.batch_size)
+    started = time.perf_counter() - state.seconds
+    while state.batch < len(batches):
+        loss, fault = _step(model, split, images, batches[state.batch], params, optimizer, config)
+        if fault and not config.skip_nonfinite:
+            raise NumericalError(f"training stopped: {fault} at epoch {state.epoch}, step {state.step + 1} "
+                                 f"(batch {state.batch + 1} of {len(batches)}); no pack was written and the "
+                                 f"last good checkpoint is kept in {checkpoint_dir(config.out)}. Lower --lr, "
+                                 f"or pass --skip-nonfinite to skip such batches")
+        if fault:
+            state.skipped += 1
+        else:
+            schedule.step()
+            state.losses.append(loss)
+        state.batch, state.step = state.batch + 1, state.step + 1
+        state.seconds = time.perf_counter() - started
+        advance(len(batches[state.batch - 1]), loss=loss)
+        if state.batch < len(batches) and state.step % config.checkpoint_every == 0:
+            checkpoint(state)
+    seconds = max(1e-9, time.perf_counter() - started)
+    row = {"epoch": state.epoch, "loss": sum(state.losses) / len(state.losses) if state.losses else float("nan"),
+           "lr": schedule.get_last_lr()[0], "seconds": round(seconds, 3),
+           "samples_per_s": round(len(batches) * config.batch_size / seconds, 2),
+           "val": validate(model, val_split, images)}
+    state.history.append(row)
+    if state.best is None or row["val"]["mean_recall"] > state.best["val"]["mean_recall"]:
+        state.best, state.best_state = row, _snapshot(model)  # keep-best: the first of equals
+    state.epoch, state.batch, state.order, state.losses, state.seconds = state.epoch + 1, 0, None, [], 0.0
+    checkpoint(state)
 
 
-def _step(model, split: Split, images: ImageSource, batch: list[int], params, optimizer, config) -> float:
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    size = min(batch_size, len(order))
+    return [order[i:i + size] for i in range(0, len(order) - size + 1, size)]  # full batches: equal negatives
+
+
+def _step(model, split: Split, images: ImageSource, batch: list[int], params, optimizer,
+          config) -> tuple[float | None, str | None]:
+    """One optimizer step; (loss, None), or (None, what went non-finite) with no step taken."""
     captions = [split.captions[i] for i in batch]
     image_rows = [split.caption_image[i] for i in batch]
     tokens = model.text.tower.tokenize(captions)
@@ -180,13 +222,16 @@ def _step(model, split: Split, images: ImageSource, batch: list[int], params, op
         text = model.text(tokens["input_ids"], tokens["attention_mask"])
         image = images.embed("train", split, image_rows)
         loss = contrastive_loss(text.float(), image.float(), model.scale())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} (lower --lr, or check the data)")
     optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None, f"the loss became {loss.item()}"
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None, f"the gradient norm became {norm.item()}"
     optimizer.step()
-    return loss.item()
+    return loss.item(), None
 
 
 def _optimizer(model: ContrastiveModel, config: TrainConfig) -> torch.optim.Optimizer:
@@ -230,15 +275,15 @@ def _restore(model: ContrastiveModel, state: dict[str, torch.Tensor]) -> None:
 
 
 def _pack_config(config: TrainConfig, model, report, anchor: Pack | None, summary: dict, best: dict,
-                 images: ImageSource) -> PackConfig:
+                 images: ImageSource, skipped: int = 0) -> PackConfig:
     text_tower, image_tower = model.text.tower, model.image.tower
     image_tensors = {k[len("image."):]: v for k, v in model.pack_state().items() if k.startswith("image.")}
     towers = {"text": {"spec": text_tower.spec, "fingerprint": model.text.base_fingerprint,
                        "options": {"pooling": text_tower.pooling, "max_length": text_tower.max_length,
                                    "prefix": text_tower.prefix}},
               "image": {"spec": image_tower.spec, "fingerprint": model.image.base_fingerprint, "options": {}}}
-    training = {k: v for k, v in config.to_dict().items() if k not in ("out", "overwrite", "data")}
-    training.update(best_epoch=best["epoch"], feature_cache=images.cached)
+    training = {k: v for k, v in config.to_dict().items() if k not in ("out", "overwrite", "data", "resume")}
+    training.update(best_epoch=best["epoch"], feature_cache=images.cached, nonfinite_batches_skipped=skipped)
     return PackConfig(
         language=config.lang, method=config.method,
         image_method=anchor.config.image_method if anchor else config.method,

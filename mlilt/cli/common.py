@@ -27,9 +27,6 @@ def user_errors(command):
         except FileExistsError as error:
             err_console.print(f"[bold red]error:[/] {error}", highlight=False)
             raise typer.Exit(2) from None
-        except FloatingPointError as error:  # NaN/inf loss: nothing was written
-            err_console.print(f"[bold red]training stopped:[/] {error}; no pack was written", highlight=False)
-            raise typer.Exit(EXIT_FAILURE) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: nothing was written")
             raise typer.Exit(130) from None

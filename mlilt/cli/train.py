@@ -44,6 +44,15 @@ def train_command(
                                                               "demo, custom.")] = None,
     leak_root: Annotated[Optional[str], typer.Option(help="Where the --exclude-leaks benchmark lives.")] = None,
     leak_threshold: Annotated[float, typer.Option(help="chrF at or above which a caption is a leak.")] = 80.0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT.checkpoint/ (also "
+                                                       "written at each epoch end, deleted once the pack is "
+                                                       "written).")] = 50,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.checkpoint/ (same settings and data "
+                                                          "required). Without it an existing checkpoint is "
+                                                          "replaced when training starts.")] = False,
+    skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip batches whose loss or gradient "
+                                                                          "norm is NaN/inf (counted in the pack) "
+                                                                          "instead of stopping.")] = False,
 ):
     """Train a language pack on image-caption pairs with frozen towers."""
     from mlilt.train import train
@@ -54,7 +63,8 @@ def train_command(
                          weight_decay=weight_decay, holdout=holdout, embed_dim=embed_dim, max_length=max_length,
                          pooling=pooling, text_prefix=text_prefix, seed=seed, bf16=bf16, skip_bad=skip_bad,
                          overwrite=overwrite, exclude_leaks=exclude_leaks, leak_root=leak_root,
-                         leak_threshold=leak_threshold)
+                         leak_threshold=leak_threshold, checkpoint_every=checkpoint_every, resume=resume,
+                         skip_nonfinite=skip_nonfinite)
     result = train(config, console=console)
     print_report(result.report)
     val = result.metrics
