@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 KS = (1, 5, 10)
+MAX_BLOCK = 1 << 24
 
 
 def _ranks_of_best_positive(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,8 @@ def retrieval_metrics(text_emb: torch.Tensor, image_emb: torch.Tensor, text_to_i
     """Recall@k both ways (in %) and their mean, for captions whose image is ``text_to_image[i]``."""
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
     n_texts, n_images = len(text_emb), len(image_emb)
+    # Bound each score block (and its temporaries) to ~16M entries: large galleries stay in memory.
+    chunk = max(1, min(chunk, MAX_BLOCK // max(n_texts, n_images, 1)))
     t2i_ranks = torch.empty(n_texts, dtype=torch.long)
     for start in range(0, n_texts, chunk):
         scores = text_emb[start:start + chunk].float() @ image_emb.float().t()
