@@ -47,7 +47,7 @@ def training(pairs: int, epochs: int) -> None:
     TrainProgress.log_epoch = log_epoch  # print with the RSS, with or without a console
     train(TrainConfig(lang="sw", data=str(root / "data/sw/train.jsonl"), out=str(root / "pack"),
                       text_tower="tiny-bert-0", image_tower="tiny-timm-cnn", method="ln@text", epochs=epochs,
-                      batch_size=256, holdout=1000), console=None)
+                      batch_size=256, holdout=max(2, min(1000, pairs // 10))), console=None)
 
 
 def evaluation(captions: int) -> None:
