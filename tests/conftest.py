@@ -47,3 +47,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_towers():
+    """Tiny BERT + tiny timm ViT registered under their specs for one module, then unregistered."""
+    from mlilt.towers import registry
+    from tiny_towers import tiny_text_tower, tiny_timm_vit
+
+    text, image = tiny_text_tower(), tiny_timm_vit()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry._registered_text, text.spec, None)
+        patch.setitem(registry._loaded, ("image", image.spec), None)
+        registry.register_tower(text)
+        registry.register_tower(image)
+        yield {"text": text, "image": image}

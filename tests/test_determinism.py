@@ -15,11 +15,8 @@ from safetensors.torch import load
 
 from mlilt.data.demo import generate_demo
 from mlilt.packs import PACK_CONFIG, PACK_TENSORS, serialize_tensors
-from mlilt.towers import registry
-from mlilt.towers.registry import register_tower
 from mlilt.train import train
 from mlilt.train_config import TrainConfig
-from tiny_towers import tiny_text_tower, tiny_timm_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,14 +24,8 @@ TEXT_SPEC, IMAGE_SPEC = "tiny-bert-0", "tiny-timm-vit"
 
 
 @pytest.fixture(scope="module")
-def towers():
-    text, image = tiny_text_tower(), tiny_timm_vit()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(registry._registered_text, TEXT_SPEC, None)
-        mp.setitem(registry._loaded, ("image", IMAGE_SPEC), None)
-        register_tower(text)
-        register_tower(image)
-        yield {"text": text, "image": image}
+def towers(tiny_vit_towers):
+    return tiny_vit_towers
 
 
 @pytest.fixture(scope="module")

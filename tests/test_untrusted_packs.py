@@ -30,9 +30,7 @@ from mlilt.build import build_sides
 from mlilt.errors import PackError
 from mlilt.model import ContrastiveModel, image_side_id
 from mlilt.packs import INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, read_pack, save_pack
-from mlilt.towers import registry
-from mlilt.towers.registry import TowerLoadError, register_tower
-from tiny_towers import tiny_text_tower, tiny_timm_vit
+from mlilt.towers.registry import TowerLoadError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,14 +46,8 @@ REFUSED = (PackError, TowerLoadError)
 
 
 @pytest.fixture(scope="module")
-def towers():
-    text, image = tiny_text_tower(), tiny_timm_vit()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(registry._registered_text, TEXT_SPEC, None)
-        mp.setitem(registry._loaded, ("image", IMAGE_SPEC), None)
-        register_tower(text)
-        register_tower(image)
-        yield {"text": text, "image": image}
+def towers(tiny_vit_towers):
+    return tiny_vit_towers
 
 
 @pytest.fixture(scope="module")
