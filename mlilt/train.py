@@ -2,7 +2,10 @@
 
 The loop is a handful of small functions. Frozen means cached: when no image-tower weight
 trains, image features come from the feature cache and the image tower never runs after
-the first pass.
+the first pass; when only the top text blocks train, the hidden states below them are kept
+per caption (``mlilt.text_cache``). Under ``torchrun`` every process embeds its slice of
+each global batch and the loss sees the whole batch (``mlilt.distributed``); only rank 0
+writes checkpoints and the pack.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mlilt import distributed
 from mlilt.api import image_side_of
 from mlilt.build import build_sides
 from mlilt.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
@@ -21,12 +25,15 @@ from mlilt.checkpoint import (FitState, NumericalError, checkpoint_dir, find_che
 from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id, load_image
 from mlilt.data.pairs import PairSet, read_pairs
+from mlilt.distributed import Ranks
+from mlilt.encode import length_sorted_batches
 from mlilt.errors import DataError, UsageError
 from mlilt.evaluation.retrieval import retrieval_metrics
 from mlilt.methods import MethodReport
 from mlilt.model import ContrastiveModel, SideEncoder, contrastive_loss, image_side_id
 from mlilt.packs import PACK_CONFIG, Pack, PackConfig, read_pack, save_pack
 from mlilt.progress import TrainProgress
+from mlilt.text_cache import PrefixCache, cut_point
 from mlilt.towers.registry import load_image_tower, load_text_tower
 from mlilt.train_config import TrainConfig
 
@@ -64,19 +71,34 @@ class TrainResult:
 
 
 def train(config: TrainConfig, console=None) -> TrainResult:
+    """Train one pack; under ``torchrun`` every process calls this and rank 0 writes the pack."""
+    ranks = distributed.setup()
+    try:
+        return _train(config, console if ranks.is_main else None, ranks)
+    finally:
+        distributed.teardown(ranks)
+
+
+def _train(config: TrainConfig, console, ranks: Ranks) -> TrainResult:
     _check_out(config)
     train_split, val_split, summary = _load_data(config)
+    _check_split(len(train_split.captions), config.batch_size, ranks)
     model, report, anchor = _build_model(config)
-    images = ImageSource(model.image, config)
+    model.to(ranks.device)
+    texts, images = TextSource(model.text, config, ranks.device), ImageSource(model.image, config, ranks.device)
     progress = TrainProgress(console)
-    images.prepare(train_split, val_split, progress)
-    state = _fit(model, train_split, val_split, images, config, progress, summary.get("sha256", ""))
+    images.prepare(train_split, val_split, progress, ranks)
+    state = _fit(model, train_split, val_split, (texts, images), config, progress, summary.get("sha256", ""),
+                 ranks)
     best = state.best
     _restore(model, state.best_state)
-    pack_config = _pack_config(config, model, report, anchor, summary, best, images, state.skipped)
-    pack = save_pack(config.out, model, pack_config, overwrite=config.overwrite)
-    (pack / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in state.history))
-    remove_checkpoint(checkpoint_dir(config.out))  # the pack is complete: nothing left to resume
+    pack = Path(config.out)
+    if ranks.is_main:
+        pack_config = _pack_config(config, model, report, anchor, summary, best, images, state.skipped)
+        pack = save_pack(config.out, model, pack_config, overwrite=config.overwrite)
+        (pack / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in state.history))
+        remove_checkpoint(checkpoint_dir(config.out))  # the pack is complete: nothing left to resume
+    ranks.barrier()  # the other ranks return once the pack exists
     return TrainResult(pack, best["val"], report, state.history)
 
 
@@ -103,6 +125,14 @@ def _load_data(config: TrainConfig) -> tuple[Split, Split, dict]:
     return train_split, val_split, summary
 
 
+def _check_split(pairs: int, batch_size: int, ranks: Ranks) -> None:
+    """The global batch is split evenly over the processes (full batches only, see _batches)."""
+    size = min(batch_size, pairs)
+    if size % ranks.world:
+        raise UsageError(f"--batch-size {size} cannot be split evenly over {ranks.world} processes; "
+                         f"use a multiple of {ranks.world}")
+
+
 def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, Pack | None]:
     text_tower = load_text_tower(config.text_tower, pooling=config.pooling, max_length=config.max_length,
                                  prefix=config.text_prefix)
@@ -117,69 +147,119 @@ def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, P
     return ContrastiveModel(sides["text"], sides["image"]), report, anchor
 
 
+class TextSource:
+    """Caption embeddings; the frozen lower text blocks run once per caption when they can."""
+
+    def __init__(self, encoder: SideEncoder, config: TrainConfig, device: torch.device = torch.device("cpu")):
+        self.encoder = encoder
+        self.device = device
+        cut = cut_point(encoder.tower) if config.cache_text else None
+        self.cache = PrefixCache(encoder.tower, cut, config.text_cache_mb * 2**20) if cut is not None else None
+
+    def embed(self, name: str, split: Split, indices: list[int]) -> torch.Tensor:
+        captions = [split.captions[i] for i in indices]
+        if self.cache is not None:
+            return self.encoder.project(self.cache.features(name, indices, captions, self.device))
+        tokens = self.encoder.tower.tokenize(captions)
+        return self.encoder(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+
+    def describe(self) -> str:
+        if self.cache is None:
+            return "text prefix cache: off (something below the top text blocks trains, or --no-cache-text)"
+        return self.cache.describe()
+
+
 class ImageSource:
     """Image inputs for training: cached tower features when the tower is frozen, else pixels."""
 
-    def __init__(self, encoder: SideEncoder, config: TrainConfig):
+    def __init__(self, encoder: SideEncoder, config: TrainConfig, device: torch.device = torch.device("cpu")):
         self.encoder = encoder
+        self.device = device
         self.cached = not encoder.tower_trains()
         self.cache = FeatureCache(encoder.tower) if self.cached and config.cache_features else None
         self.features: dict[str, torch.Tensor] = {}
 
-    def prepare(self, train_split: Split, val_split: Split, progress: "TrainProgress") -> None:
+    def prepare(self, train_split: Split, val_split: Split, progress: "TrainProgress",
+                ranks: Ranks = Ranks()) -> None:
+        """Tower features of both splits. Rank 0 goes first and fills the shared cache; the
+        others then read it rather than racing to compute the same images."""
         if not self.cached:
             return
-        for name, split in (("train", train_split), ("val", val_split)):
+        if not ranks.is_main:
+            ranks.barrier()
+        splits = (("train", train_split), ("val", val_split)) if ranks.is_main else (("train", train_split),)
+        for name, split in splits:  # only rank 0 validates
             with progress.task(f"image features ({name})", len(split.images)) as advance:
                 self.features[name] = tower_features(self.encoder.tower, split.images, cache=self.cache,
                                                      sources=split.sources, progress=advance)
+        if ranks.is_main:
+            ranks.barrier()
 
     def embed(self, name: str, split: Split, indices: list[int]) -> torch.Tensor:
         if self.cached:
-            return self.encoder.project(self.features[name][indices])
+            return self.encoder.project(self.features[name][indices].to(self.device))
         pixels = torch.stack([self.encoder.tower.preprocess(load_image(split.images[i], split.sources[i]))
                               for i in indices])
-        return self.encoder(pixels)
+        return self.encoder(pixels.to(self.device))
 
 
-def _fit(model, train_split, val_split, images: ImageSource, config: TrainConfig, progress,
-         data_hash: str = "") -> FitState:
+def _fit(model, train_split, val_split, sources, config: TrainConfig, progress, data_hash: str = "",
+         ranks: Ranks = Ranks()) -> FitState:
     """Train, checkpointing every ``checkpoint_every`` steps and at each epoch end; resume from one."""
     steps_per_epoch = len(train_split.captions) // config.batch_size or 1
     optimizer = _optimizer(model, config)
     schedule = _schedule(optimizer, steps_per_epoch * config.epochs, config)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # same seed on every rank: same order
     where = checkpoint_dir(config.out)
 
     def checkpoint(state: FitState) -> None:
-        save_checkpoint(where, state, model, optimizer, schedule, generator, config, data_hash)
+        if ranks.is_main:
+            save_checkpoint(where, state, model, optimizer, schedule, generator, config, data_hash)
 
-    if config.resume and find_checkpoint(config.out):
+    def check() -> dict:
+        return _validate(model, val_split, sources, ranks)
+
+    if _resuming(config, ranks):
         state = load_checkpoint(where, model, optimizer, schedule, generator, config, data_hash)
     else:  # a checkpoint of another run is replaced now
-        state = FitState(history=[{"epoch": 0, "val": validate(model, val_split, images)}])
+        state = FitState(history=[{"epoch": 0, "val": check()}])
         checkpoint(state)
     size = min(config.batch_size, len(train_split.captions))
     with progress.task("training", steps_per_epoch * config.epochs * size) as advance:
         advance(state.step * size)
+        first = True
         while state.epoch <= config.epochs:
-            _epoch(model, train_split, val_split, images, (optimizer, schedule, generator), config, state,
-                   checkpoint, advance)
+            _epoch(model, train_split, sources, (optimizer, schedule, generator), config, state,
+                   (checkpoint, check), advance, ranks)
             progress.log_epoch(state.history[-1])
+            if first and progress.console is not None:
+                progress.console.print(sources[0].describe())  # its memory, once the first epoch filled it
+            first = False
     return state
 
 
-def _epoch(model, split: Split, val_split: Split, images: ImageSource, training, config: TrainConfig,
-           state: FitState, checkpoint, advance) -> None:
+def _resuming(config: TrainConfig, ranks: Ranks) -> bool:
+    """Rank 0 finds (and repairs) the checkpoint first; every rank follows its decision."""
+    found = bool(config.resume and find_checkpoint(config.out)) if ranks.is_main else False
+    found = ranks.broadcast(found)
+    if found and not ranks.is_main and not checkpoint_dir(config.out).is_dir():
+        raise UsageError(f"rank {ranks.rank}: {checkpoint_dir(config.out)} is not visible here; --resume on "
+                         f"several nodes needs --out on a filesystem every node shares")
+    return found
+
+
+def _epoch(model, split: Split, sources, training, config: TrainConfig, state: FitState, hooks, advance,
+           ranks: Ranks = Ranks()) -> None:
     """Run (the rest of) the epoch in progress, then validate and checkpoint it."""
     optimizer, schedule, generator = training
+    checkpoint, check = hooks
     params = model.trainable_parameters()
     if state.order is None:
         state.order = torch.randperm(len(split.captions), generator=generator).tolist()
     batches = _batches(state.order, config.batch_size)
     started = time.perf_counter() - state.seconds
     while state.batch < len(batches):
-        loss, fault = _step(model, split, images, batches[state.batch], params, optimizer, config)
+        loss, fault = _step(model, split, sources, batches[state.batch], params, optimizer, config, ranks)
         if fault and not config.skip_nonfinite:
             raise NumericalError(f"training stopped: {fault} at epoch {state.epoch}, step {state.step + 1} "
                                  f"(batch {state.batch + 1} of {len(batches)}); no pack was written and the "
@@ -199,7 +279,7 @@ def _epoch(model, split: Split, val_split: Split, images: ImageSource, training,
     row = {"epoch": state.epoch, "loss": sum(state.losses) / len(state.losses) if state.losses else float("nan"),
            "lr": schedule.get_last_lr()[0], "seconds": round(seconds, 3),
            "samples_per_s": round(len(batches) * config.batch_size / seconds, 2),
-           "val": validate(model, val_split, images)}
+           "val": check()}
     state.history.append(row)
     if state.best is None or row["val"]["mean_recall"] > state.best["val"]["mean_recall"]:
         state.best, state.best_state = row, _snapshot(model)  # keep-best: the first of equals
@@ -212,21 +292,22 @@ def _batches(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order) - size + 1, size)]  # full batches: equal negatives
 
 
-def _step(model, split: Split, images: ImageSource, batch: list[int], params, optimizer,
-          config) -> tuple[float | None, str | None]:
-    """One optimizer step; (loss, None), or (None, what went non-finite) with no step taken."""
-    captions = [split.captions[i] for i in batch]
-    image_rows = [split.caption_image[i] for i in batch]
-    tokens = model.text.tower.tokenize(captions)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-        text = model.text(tokens["input_ids"], tokens["attention_mask"])
-        image = images.embed("train", split, image_rows)
-        loss = contrastive_loss(text.float(), image.float(), model.scale())
+def _step(model, split: Split, sources, batch: list[int], params, optimizer, config,
+          ranks: Ranks = Ranks()) -> tuple[float | None, str | None]:
+    """One optimizer step over the global ``batch``; (loss, None), or (None, what went
+    non-finite) with no step taken. Every rank sees the same loss and the same gradient."""
+    texts, images = sources
+    local = ranks.local_slice(batch)
+    with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        text = ranks.gather(texts.embed("train", split, local).float())
+        image = ranks.gather(images.embed("train", split, [split.caption_image[i] for i in local]).float())
+        loss = contrastive_loss(text, image, model.scale())
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
         return None, f"the loss became {loss.item()}"
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    ranks.combine_gradients([p for p in params if p is not model.logit_scale], [model.logit_scale])
+    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)  # on the combined gradient
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         return None, f"the gradient norm became {norm.item()}"
@@ -254,13 +335,20 @@ def _schedule(optimizer, total: int, config: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _validate(model: ContrastiveModel, split: Split, sources, ranks: Ranks) -> dict:
+    """Validation on rank 0 only; every rank gets its numbers (so all agree on keep-best)."""
+    return ranks.broadcast(validate(model, split, *sources) if ranks.is_main else None)
+
+
 @torch.no_grad()
-def validate(model: ContrastiveModel, split: Split, images: ImageSource, batch_size: int = 64) -> dict:
-    from mlilt.encode import encode_texts
-    text = encode_texts(model.text, split.captions, batch_size)
+def validate(model: ContrastiveModel, split: Split, texts: TextSource, images: ImageSource,
+             batch_size: int = 64) -> dict:
+    text = torch.empty(len(split.captions), model.text.proj.out_features)
+    for batch in length_sorted_batches(split.captions, batch_size):  # similar lengths: little padding
+        text[batch] = texts.embed("val", split, batch).float().cpu()
     image = torch.cat([images.embed("val", split, list(range(i, min(i + batch_size, len(split.images)))))
                        for i in range(0, len(split.images), batch_size)])
-    return {k: round(v, 4) for k, v in retrieval_metrics(text, image.float(), split.caption_image).items()}
+    return {k: round(v, 4) for k, v in retrieval_metrics(text, image.float().cpu(), split.caption_image).items()}
 
 
 def _snapshot(model: ContrastiveModel) -> dict[str, torch.Tensor]:

@@ -34,6 +34,8 @@ class TrainConfig:
     skip_bad: bool = False
     overwrite: bool = False
     cache_features: bool = True
+    cache_text: bool = True  # keep the hidden states below the lowest trainable text block (unlock:K) per caption
+    text_cache_mb: int = 4096  # memory bound of that cache; captions past it run the whole tower
     exclude_leaks: str | None = None  # a benchmark whose test captions/images must not be trained on
     leak_root: str | None = None  # where that benchmark lives (a pairs file for "custom")
     leak_threshold: float = 80.0  # sentence chrF at or above which a caption counts as leaked
@@ -48,6 +50,7 @@ class TrainConfig:
                   (self.lr > 0, "--lr must be positive"),
                   (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be within [0, 1]"),
                   (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+                  (self.text_cache_mb >= 0, "--text-cache-mb must be >= 0"),
                   (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
                   (self.grad_clip > 0, "--grad-clip must be positive"),
                   (self.holdout > 0, "--holdout must be positive"),

@@ -53,8 +53,19 @@ def train_command(
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip batches whose loss or gradient "
                                                                           "norm is NaN/inf (counted in the pack) "
                                                                           "instead of stopping.")] = False,
+    no_cache_text: Annotated[bool, typer.Option("--no-cache-text",
+                                                help="Run the whole text tower every step. By default, when "
+                                                     "only the top text blocks train (unlock:K), the hidden "
+                                                     "states below them are kept per caption in memory and "
+                                                     "later epochs run only the top blocks.")] = False,
+    text_cache_mb: Annotated[int, typer.Option(help="Memory bound (MiB) of that cache; captions past it run "
+                                                    "the whole tower.")] = 4096,
 ):
-    """Train a language pack on image-caption pairs with frozen towers."""
+    """Train a language pack on image-caption pairs with frozen towers.
+
+    Several GPUs or nodes: torchrun --nproc_per_node N -m mlilt train ... (--batch-size stays the
+    global batch; only rank 0 writes).
+    """
     from mlilt.train import train
     from mlilt.train_config import TrainConfig
 
@@ -64,7 +75,7 @@ def train_command(
                          pooling=pooling, text_prefix=text_prefix, seed=seed, bf16=bf16, skip_bad=skip_bad,
                          overwrite=overwrite, exclude_leaks=exclude_leaks, leak_root=leak_root,
                          leak_threshold=leak_threshold, checkpoint_every=checkpoint_every, resume=resume,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, cache_text=not no_cache_text, text_cache_mb=text_cache_mb)
     result = train(config, console=console)
     print_report(result.report)
     val = result.metrics

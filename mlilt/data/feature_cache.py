@@ -73,8 +73,8 @@ def tower_features(tower: ImageTower, images: list[ImageLike], batch_size: int =
         chunk = todo[start:start + batch_size]
         pixels = torch.stack([tower.preprocess(load_image(images[i], sources[i] if sources else None))
                               for i in chunk])
-        with torch.no_grad():
-            computed = tower(pixels).float().numpy()
+        with torch.no_grad():  # the tower may sit on a GPU (training moves it there)
+            computed = tower(pixels.to(next(tower.parameters()).device)).float().cpu().numpy()
         for i, row in zip(chunk, computed):
             found[i] = row
             if cache is not None:

@@ -1,0 +1,159 @@
+"""Frozen means cached, inside the text tower: when nothing below block C trains (``unlock:K``
+trains only the top K blocks), the hidden states entering block C are a pure function of the
+caption. They are computed once per caption, kept in memory unpadded ([tokens, width] each),
+and later steps run only blocks C.. and the pooling.
+
+Only Hugging Face BERT-family towers (BERT, XLM-R, mBERT, mE5: ``embeddings`` then
+``encoder.layer``) are split; any other tower, or a method that trains anything below block
+1 (``ln`` trains the embeddings' LayerNorm), runs the whole tower as before. A self-check on
+the first batch compares the split forward with the whole tower and turns the cache off if
+they disagree (a transformers version whose layers want another mask format, say).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlilt.towers.layout import find_layout
+from mlilt.towers.text import HFTextTower
+
+SELF_CHECK_TOLERANCE = 1e-4  # on pooled features; float noise is ~1e-6
+
+
+def first_trainable_block(tower: nn.Module) -> int | None:
+    """Index of the lowest block holding a trainable parameter; the block count if only
+    layers after the blocks train; None if no block layout is known or something before
+    the blocks trains (then nothing can be cached)."""
+    layout = find_layout(tower)
+    if not layout.blocks:
+        return None
+    lowest = len(layout.blocks)
+    tail = set(layout.tail_params)
+    for name, param in tower.named_parameters():
+        if not param.requires_grad or name in tail:
+            continue
+        block = next((i for i, b in enumerate(layout.blocks) if name.startswith(b + ".")), None)
+        if block is None:
+            return None  # trains before (or beside) the blocks: embeddings, an input norm
+        lowest = min(lowest, block)
+    return lowest
+
+
+def cut_point(tower: nn.Module) -> int | None:
+    """The block index to cache below, or None when this tower cannot use a prefix cache."""
+    if not isinstance(tower, HFTextTower) or tower.pooling not in ("mean", "cls"):
+        return None
+    model = tower.model
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if getattr(model, "embeddings", None) is None or not isinstance(layers, nn.ModuleList):
+        return None
+    layout = find_layout(tower)
+    if layout.family != "bert" or layout.blocks != [f"model.encoder.layer.{i}" for i in range(len(layers))]:
+        return None
+    cut = first_trainable_block(tower)
+    return cut if cut is not None and cut >= 1 else None  # below block 1 only the embeddings: not worth it
+
+
+def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, S]: 0 where a token is kept, the dtype's minimum where it is padding."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def _run_layers(layers, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = _additive_mask(attention_mask, hidden.dtype)
+    for layer in layers:
+        out = layer(hidden, attention_mask=mask)
+        hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns tuples
+    return hidden
+
+
+def _pool(tower: HFTextTower, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    if tower.pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class PrefixCache:
+    """Per-caption hidden states entering block ``cut``, filled lazily, in memory.
+
+    ``limit_bytes`` bounds the memory: once the cache would pass it, captions not yet cached
+    run the whole tower (the cache stops growing; nothing is evicted, so the hits stay).
+    """
+
+    def __init__(self, tower: HFTextTower, cut: int, limit_bytes: int):
+        self.tower = tower
+        self.cut = cut
+        self.limit_bytes = limit_bytes
+        self.states: dict[tuple[str, int], torch.Tensor] = {}
+        self.bytes = 0
+        self.full = False  # reached the limit
+        self.checked = False
+
+    @property
+    def layers(self):
+        return self.tower.model.encoder.layer
+
+    def features(self, key: str, indices: list[int], captions: list[str], device: torch.device) -> torch.Tensor:
+        """Pooled tower features [B, width] of ``captions`` (``key``/``indices`` name them)."""
+        missing = [j for j, i in enumerate(indices) if (key, i) not in self.states]
+        if missing and self.full:
+            return self._whole_tower(captions, device)
+        if missing:
+            self._fill([(key, indices[j]) for j in missing], [captions[j] for j in missing], device)
+            if not self.checked:
+                self._self_check(key, indices, captions, device)
+            if any((key, i) not in self.states for i in indices):  # the limit was reached or the check failed
+                return self._whole_tower(captions, device)
+        hidden, attention_mask = self._padded([self.states[(key, i)] for i in indices], device)
+        hidden = _run_layers(self.layers[self.cut:], hidden, attention_mask)
+        return _pool(self.tower, hidden, attention_mask)
+
+    def _whole_tower(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        tokens = self.tower.tokenize(captions)
+        return self.tower(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+
+    @torch.no_grad()
+    def _fill(self, keys: list[tuple[str, int]], captions: list[str], device: torch.device) -> None:
+        tokens = self.tower.tokenize(captions)
+        ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        hidden = self.tower.model.embeddings(input_ids=ids)
+        hidden = _run_layers(self.layers[:self.cut], hidden, attention_mask)
+        lengths = attention_mask.sum(1).tolist()
+        for key, row, length in zip(keys, hidden, lengths):
+            state = row[:length].clone()  # unpadded: memory follows the real caption lengths
+            size = state.numel() * state.element_size()
+            if self.bytes + size > self.limit_bytes:
+                self.full = True
+                return
+            self.states[key] = state
+            self.bytes += size
+
+    @torch.no_grad()
+    def _self_check(self, key: str, indices: list[int], captions: list[str], device: torch.device) -> None:
+        """Once: the split forward must give the whole tower's features, else drop the cache."""
+        self.checked = True
+        if any((key, i) not in self.states for i in indices):
+            return
+        hidden, attention_mask = self._padded([self.states[(key, i)] for i in indices], device)
+        split = _pool(self.tower, _run_layers(self.layers[self.cut:], hidden, attention_mask), attention_mask)
+        whole = self._whole_tower(captions, device)
+        scale = whole.abs().max().clamp_min(1.0)
+        if not torch.allclose(split, whole, atol=SELF_CHECK_TOLERANCE * float(scale), rtol=0):
+            self.states.clear()
+            self.bytes, self.full = 0, True
+
+    def _padded(self, states: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-padded [B, S, width] states and their attention mask, S the longest here."""
+        longest = max(len(s) for s in states)
+        hidden = states[0].new_zeros(len(states), longest, states[0].shape[-1])
+        attention_mask = torch.zeros(len(states), longest, dtype=torch.long, device=states[0].device)
+        for row, state in enumerate(states):
+            hidden[row, :len(state)] = state
+            attention_mask[row, :len(state)] = 1
+        return hidden.to(device), attention_mask.to(device)
+
+    def describe(self) -> str:
+        state = "limit reached: later captions run the whole tower" if self.full else "within the limit"
+        return (f"text prefix cache: blocks below {self.cut} of {len(self.layers)} cached for {len(self.states)} "
+                f"captions, {self.bytes / 2**20:.1f} MiB ({state}; limit {self.limit_bytes / 2**20:.0f} MiB)")
