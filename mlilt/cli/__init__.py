@@ -4,6 +4,7 @@ from __future__ import annotations
 import typer
 
 from mlilt.cli import data, packs, towers
+from mlilt.cli.bench import bench_command
 from mlilt.cli.demo import demo_command
 from mlilt.cli.evaluate import eval_command
 from mlilt.cli.train import train_command
@@ -14,6 +15,7 @@ app = typer.Typer(name="mlilt", no_args_is_help=True, add_completion=False,
 app.command("train")(train_command)
 app.command("demo")(demo_command)
 app.command("eval")(eval_command)
+app.command("bench")(bench_command)
 app.add_typer(data.app, name="data")
 app.add_typer(packs.app, name="packs")
 app.add_typer(towers.app, name="towers")

@@ -1,0 +1,166 @@
+"""One cell of a study, run in its own process: subsample the budget, train, evaluate, record.
+
+Running each cell in a fresh process makes its peak memory its own and lets cells run side
+by side; everything it needs comes from the config and the cell id, so the command recorded
+with the result reruns it.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import resource
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mlilt import atomic
+from mlilt.bench.config import Cell, StudyConfig
+from mlilt.errors import DataError
+
+RESULT_VERSION = 1
+
+
+def cells_dir(out: Path) -> Path:
+    return out / "cells"
+
+
+def result_path(out: Path, cell: Cell) -> Path:
+    return cells_dir(out) / f"{cell.id}.json"
+
+
+def demo_root(out: Path) -> Path:
+    return out / "data"
+
+
+def rerun_command(study: StudyConfig, out: Path, cell: Cell) -> str:
+    return shlex.join(["mlilt", "bench", "--config", str(study.path), "--out", str(out), "--cell", cell.id, "--force"])
+
+
+def budget_pairs(study: StudyConfig, out: Path, cell: Cell) -> list:
+    """The first ``budget`` pairs of a seeded shuffle: a larger budget holds every smaller one."""
+    from mlilt.data.pairs import read_pairs
+
+    source = study.data.train_file(cell.lang, demo_root(out))
+    pairs = read_pairs(source, lang=cell.lang).pairs
+    if cell.budget > len(pairs):
+        raise DataError(f"{source}: cell {cell.id} wants {cell.budget} pairs but there are only {len(pairs)} "
+                        f"for language {cell.lang}")
+    order = list(range(len(pairs)))
+    random.Random(f"budget-{cell.seed}").shuffle(order)
+    return [pairs[i] for i in sorted(order[:cell.budget])]
+
+
+def write_budget(pairs: list, work: Path) -> Path:
+    """The cell's pairs as JSONL with absolute image paths (in-memory images written out first)."""
+    rows = []
+    for pair in pairs:
+        image = pair.image
+        if image.path is None:
+            image_file = work / "images" / f"{image.id}.img"
+            image_file.parent.mkdir(exist_ok=True)
+            image_file.write_bytes(image.data)
+            path = image_file
+        else:
+            path = image.path.resolve()
+        rows.append(json.dumps({"image": str(path), "caption": pair.caption, "lang": pair.lang},
+                               ensure_ascii=False) + "\n")
+    data = work / "train.jsonl"
+    data.write_text("".join(rows), encoding="utf-8")
+    return data
+
+
+def run_cell(study: StudyConfig, out: Path, cell: Cell, console=None) -> dict:
+    """Train and evaluate one cell; write its result JSON atomically and return it."""
+    work = out / "work" / cell.id
+    if work.exists():
+        shutil.rmtree(work)  # a previous attempt's leftovers: the cell starts over
+    work.mkdir(parents=True)
+    data = write_budget(budget_pairs(study, out, cell), work)
+    trained = _train(study, cell, data, work / "pack", console)
+    result = {"version": RESULT_VERSION, "study": study.name, "cell_id": cell.id,
+              "cell_hash": study.cell_hash(cell), "cell": vars(cell) | {"eval_langs": study.eval_languages(cell)},
+              "command": rerun_command(study, out, cell), **trained,
+              **_evaluate(study, out, cell, trained["pack"]), "machine": _machine()}
+    if not study.keep_packs:
+        shutil.rmtree(work)
+    atomic.write_text(result_path(out, cell), json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return result
+
+
+def _train(study: StudyConfig, cell: Cell, data: Path, pack_out: Path, console) -> dict:
+    from mlilt.train import train
+    from mlilt.train_config import TrainConfig
+
+    config = TrainConfig(lang=cell.lang, data=str(data), out=str(pack_out), method=cell.method,
+                         text_tower=study.text_tower, image_tower=study.image_tower, seed=cell.seed,
+                         overwrite=True, **study.train_settings(cell.method))
+    started = time.perf_counter()
+    result = train(config, console=console)
+    seconds = time.perf_counter() - started
+    trainable = result.report.to_dict()["towers"]
+    train_rows = [row for row in result.history if row.get("epoch", 0) >= 1]
+    steps_seconds = sum(row["seconds"] for row in train_rows)
+    samples = sum(row["samples_per_s"] * row["seconds"] for row in train_rows)
+    return {"pack": str(result.pack), "pack_bytes": _folder_bytes(result.pack),
+            "trainable": _trainable_summary(trainable), "train_wall_s": round(seconds, 2),
+            "train_steps_s": round(steps_seconds, 2), "samples_per_s": round(samples / max(steps_seconds, 1e-9), 2),
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "gpu_peak_mb": _gpu_peak_mb(),
+            "best_epoch": next(r["epoch"] for r in result.history if r["val"] == result.metrics),
+            "history": result.history, "settings": config.to_dict()}
+
+
+def _trainable_summary(towers: dict) -> dict:
+    trainable = sum(t["trainable"] for t in towers.values())
+    total = sum(t["total"] for t in towers.values())
+    return {"params": trainable, "of_towers": total, "percent": round(100.0 * trainable / max(total, 1), 4),
+            "sides": towers}
+
+
+def _evaluate(study: StudyConfig, out: Path, cell: Cell, pack_path: str) -> dict:
+    """Retrieval of the cell's pack on its own language and the transfer languages, and its time."""
+    from mlilt.api import image_side_of, text_side_of
+    from mlilt.evaluation.evaluate import benchmark_sets
+    from mlilt.evaluation.runner import ImageSpace, evaluate_sets
+    from mlilt.packs import read_pack
+
+    spec = study.evaluate
+    root = str(demo_root(out)) if spec.benchmark == "demo" else spec.root
+    langs = study.eval_languages(cell)
+    sets = benchmark_sets(spec.benchmark, str(Path(root).expanduser()) if root else None, langs, spec.captions,
+                          spec.data)
+    pack = read_pack(pack_path)
+    started = time.perf_counter()
+    results = evaluate_sets(text_side_of(pack), ImageSpace(image_side_of(pack)), [sets[lang] for lang in langs],
+                            pack.path.name, pack_path)
+    return {"eval": {r.language: {"benchmark": r.benchmark, "metrics": r.metrics, "counts": r.counts}
+                     for r in results}, "eval_s": round(time.perf_counter() - started, 2)}
+
+
+def _folder_bytes(folder: Path) -> int:
+    from mlilt.packs import PACK_CONFIG, PACK_TENSORS
+
+    return sum((Path(folder) / name).stat().st_size for name in (PACK_CONFIG, PACK_TENSORS))
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _gpu_peak_mb() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
+def _machine() -> dict:
+    import os
+
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -1,0 +1,245 @@
+"""A study's YAML config, read and checked before any cell runs, and the grid of cells it names.
+
+A study is towers × languages × methods × data budgets × seeds; each combination is a
+*cell*: one training run and its evaluation. Everything a cell does follows from the config
+and its id, so ``mlilt bench --config C --cell ID`` reruns exactly that cell.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlilt.defaults import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+from mlilt.errors import UsageError
+from mlilt.methods.spec import parse_method
+
+# Set per cell by the runner; a config that sets them would be ambiguous.
+_CELL_OWNED = {"lang", "data", "out", "method", "text_tower", "image_tower", "seed", "overwrite", "resume"}
+_TOP_KEYS = {"name", "description", "towers", "languages", "methods", "baseline", "budgets", "seeds", "train",
+             "method_train", "data", "evaluate", "keep_packs"}
+_DEMO_KEYS = {"scenes", "seed", "test_fraction", "image_size"}
+_EVAL_KEYS = {"benchmark", "root", "captions", "data", "transfer"}
+_CELL_ID = re.compile(r"^(?P<lang>[^_]+)_(?P<method>.+)_n(?P<budget>\d+)_s(?P<seed>\d+)$")
+
+
+@dataclass(frozen=True)
+class Cell:
+    lang: str
+    method: str
+    budget: int
+    seed: int
+
+    @property
+    def id(self) -> str:
+        # ':' is not allowed in Windows file names; methods never contain '_' or '~'.
+        return f"{self.lang}_{self.method.replace(':', '~')}_n{self.budget}_s{self.seed}"
+
+
+@dataclass
+class DataSpec:
+    """Training pairs per language: generated demo data, or one pairs file per language."""
+
+    demo: dict | None = None  # generate_demo arguments (scenes, seed, test_fraction, image_size)
+    train: str | None = None  # a path with {lang}, e.g. ~/data/coco35l/{lang}.jsonl
+
+    def train_file(self, lang: str, demo_root: Path) -> Path:
+        if self.demo is not None:
+            return demo_root / lang / "train.jsonl"
+        return Path(self.train.replace("{lang}", lang)).expanduser()
+
+
+@dataclass
+class EvalSpec:
+    benchmark: str = "demo"  # demo (the generated test split), xm3600, xtd10, multi30k, custom
+    root: str | None = None
+    captions: str = "first"
+    data: str | None = None  # the held-out pairs file of the custom benchmark
+    transfer: dict[str, list[str]] = field(default_factory=dict)  # trained language -> extra eval languages
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    path: Path
+    text_tower: str
+    image_tower: str
+    languages: list[str]
+    methods: list[str]
+    budgets: list[int]
+    seeds: list[int]
+    data: DataSpec
+    evaluate: EvalSpec
+    train: dict = field(default_factory=dict)
+    method_train: dict[str, dict] = field(default_factory=dict)
+    baseline: str | None = None
+    keep_packs: bool = False
+    description: str = ""
+
+    def cells(self) -> list[Cell]:
+        return [Cell(lang, method, budget, seed) for lang in self.languages for method in self.methods
+                for budget in self.budgets for seed in self.seeds]
+
+    def cell(self, cell_id: str) -> Cell:
+        match = _CELL_ID.match(cell_id)
+        found = [c for c in self.cells() if c.id == cell_id] if match else []
+        if not found:
+            raise UsageError(f"{self.path}: no cell {cell_id!r} in this study; cells look like "
+                             f"{self.cells()[0].id}")
+        return found[0]
+
+    def eval_languages(self, cell: Cell) -> list[str]:
+        return [cell.lang] + [lang for lang in self.evaluate.transfer.get(cell.lang, []) if lang != cell.lang]
+
+    def all_languages(self) -> list[str]:
+        targets = [lang for langs in self.evaluate.transfer.values() for lang in langs]
+        return list(dict.fromkeys(self.languages + targets))
+
+    def train_settings(self, method: str) -> dict:
+        return {**self.train, **self.method_train.get(method, {})}
+
+    def cell_spec(self, cell: Cell) -> dict:
+        """Everything a cell's numbers depend on; its hash tells a done cell from a stale one."""
+        return {"cell": dataclasses.asdict(cell), "towers": [self.text_tower, self.image_tower],
+                "train": self.train_settings(cell.method), "data": dataclasses.asdict(self.data),
+                "evaluate": {**dataclasses.asdict(self.evaluate), "langs": self.eval_languages(cell)}}
+
+    def cell_hash(self, cell: Cell) -> str:
+        return hashlib.sha256(json.dumps(self.cell_spec(cell), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"study config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping of settings at the top level")
+    return _study(raw, path)
+
+
+def _study(raw: dict, path: Path) -> StudyConfig:
+    where = str(path)
+    _no_unknown(raw, _TOP_KEYS, where)
+    towers = _mapping(raw.get("towers", {}), f"{where}: towers")
+    _no_unknown(towers, {"text", "image"}, f"{where}: towers")
+    study = StudyConfig(
+        name=str(raw.get("name") or path.stem), path=path, description=str(raw.get("description", "")),
+        text_tower=str(towers.get("text", DEFAULT_TEXT_TOWER)), image_tower=str(towers.get("image", DEFAULT_IMAGE_TOWER)),
+        languages=_strings(raw.get("languages"), f"{where}: languages"),
+        methods=_strings(raw.get("methods"), f"{where}: methods"),
+        budgets=_positive_ints(raw.get("budgets"), f"{where}: budgets"),
+        seeds=_ints(raw.get("seeds", [0]), f"{where}: seeds"),
+        data=_data_spec(raw.get("data"), where), evaluate=_eval_spec(raw.get("evaluate", {}), where),
+        train=_train_settings(raw.get("train", {}), f"{where}: train"),
+        method_train={str(m): _train_settings(v, f"{where}: method_train.{m}")
+                      for m, v in _mapping(raw.get("method_train", {}), f"{where}: method_train").items()},
+        baseline=raw.get("baseline"), keep_packs=bool(raw.get("keep_packs", False)))
+    _check_methods(study, where)
+    _check_transfer(study, where)
+    return study
+
+
+def _check_methods(study: StudyConfig, where: str) -> None:
+    for method in study.methods:
+        try:
+            parse_method(method)
+        except UsageError as error:
+            raise UsageError(f"{where}: methods: {error}") from None
+    if len(set(study.methods)) != len(study.methods):
+        raise UsageError(f"{where}: methods: a method is listed twice")
+    for name, settings in (("baseline", [study.baseline] if study.baseline else []),
+                           ("method_train", list(study.method_train))):
+        stray = [m for m in settings if m not in study.methods]
+        if stray:
+            raise UsageError(f"{where}: {name} names {', '.join(stray)}, which is not in methods")
+
+
+def _check_transfer(study: StudyConfig, where: str) -> None:
+    stray = [lang for lang in study.evaluate.transfer if lang not in study.languages]
+    if stray:
+        raise UsageError(f"{where}: evaluate.transfer trains from {', '.join(stray)}, which is not in languages")
+
+
+def _data_spec(raw, where: str) -> DataSpec:
+    raw = _mapping(raw, f"{where}: data")
+    _no_unknown(raw, {"demo", "train"}, f"{where}: data")
+    if ("demo" in raw) == ("train" in raw):
+        raise UsageError(f"{where}: data needs exactly one of demo: {{scenes: N}} or train: path/with/{{lang}}.jsonl")
+    if "demo" in raw:
+        demo = _mapping(raw["demo"] or {}, f"{where}: data.demo")
+        _no_unknown(demo, _DEMO_KEYS, f"{where}: data.demo")
+        return DataSpec(demo=demo)
+    if not isinstance(raw["train"], str) or "{lang}" not in raw["train"]:
+        raise UsageError(f"{where}: data.train must be a path containing {{lang}}, e.g. data/{{lang}}.jsonl")
+    return DataSpec(train=raw["train"])
+
+
+def _eval_spec(raw, where: str) -> EvalSpec:
+    raw = _mapping(raw, f"{where}: evaluate")
+    _no_unknown(raw, _EVAL_KEYS, f"{where}: evaluate")
+    transfer = _mapping(raw.get("transfer", {}), f"{where}: evaluate.transfer")
+    spec = EvalSpec(benchmark=str(raw.get("benchmark", "demo")), root=raw.get("root"),
+                    captions=str(raw.get("captions", "first")), data=raw.get("data"),
+                    transfer={str(k): _strings(v, f"{where}: evaluate.transfer.{k}") for k, v in transfer.items()})
+    if spec.benchmark != "demo" and spec.benchmark != "custom" and not spec.root:
+        raise UsageError(f"{where}: evaluate.benchmark {spec.benchmark} needs evaluate.root (where it lives)")
+    if spec.benchmark == "custom" and not spec.data:
+        raise UsageError(f"{where}: evaluate.benchmark custom needs evaluate.data (a held-out pairs file)")
+    return spec
+
+
+def _train_settings(raw, where: str) -> dict:
+    from mlilt.train_config import TrainConfig
+
+    raw = _mapping(raw, where)
+    allowed = {f.name for f in dataclasses.fields(TrainConfig)} - _CELL_OWNED
+    _no_unknown(raw, allowed, where)
+    return dict(raw)
+
+
+def _no_unknown(raw: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise UsageError(f"{where}: unknown setting {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+
+
+def _mapping(raw, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _strings(raw, where: str) -> list[str]:
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) and x.strip() for x in raw):
+        raise UsageError(f"{where}: expected a non-empty list of names")
+    if any("_" in x for x in raw) and "languages" in where:
+        raise UsageError(f"{where}: language codes may not contain '_' (use '-', e.g. pt-BR)")
+    return list(raw)
+
+
+def _ints(raw, where: str) -> list[int]:
+    if isinstance(raw, int):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        raise UsageError(f"{where}: expected a non-empty list of integers")
+    if len(set(raw)) != len(raw):
+        raise UsageError(f"{where}: a value is listed twice")
+    return list(raw)
+
+
+def _positive_ints(raw, where: str) -> list[int]:
+    values = _ints(raw, where)
+    if any(v < 2 for v in values):
+        raise UsageError(f"{where}: every budget must be at least 2 pairs")
+    return values

@@ -1,0 +1,94 @@
+"""The study's PNG plots (matplotlib, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlilt import atomic
+from mlilt.bench.config import StudyConfig
+from mlilt.bench.results import group, own_language
+
+MR = "mean_recall"
+
+
+def write_plots(study: StudyConfig, rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    own = own_language(rows)
+    folder = out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return [_save(_recall_vs_budget(study, own), folder / "recall_vs_budget.png"),
+            _save(_recall_vs_trainable(study, own), folder / "recall_vs_trainable.png"),
+            _save(_train_time(study, own), folder / "train_time.png")]
+
+
+def _save(figure, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    atomic.write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _recall_vs_budget(study: StudyConfig, rows: list[dict]):
+    import matplotlib.pyplot as plt
+
+    recall = group(rows, MR, "method", "train_lang", "budget")
+    langs = study.languages
+    figure, axes = plt.subplots(1, len(langs), figsize=(4.2 * len(langs), 3.6), squeeze=False, sharey=True)
+    for ax, lang in zip(axes[0], langs):
+        for method in study.methods:
+            points = [(b, recall[(method, lang, b)]) for b in sorted(study.budgets) if (method, lang, b) in recall]
+            if points:
+                ax.errorbar([b for b, _ in points], [s.mean for _, s in points],
+                            yerr=[s.std or 0.0 for _, s in points], marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_title(lang)
+        ax.set_xlabel("training pairs")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean recall (%)")
+    axes[0][-1].legend(fontsize=8)
+    figure.suptitle(f"{study.name}: mean recall vs data budget")
+    return figure
+
+
+def _recall_vs_trainable(study: StudyConfig, rows: list[dict]):
+    import matplotlib.pyplot as plt
+
+    top = max(study.budgets)
+    at_top = [row for row in rows if row["budget"] == top]
+    recall = group(at_top, MR, "method", "train_lang")
+    share = group(at_top, "trainable_percent", "method")
+    figure, ax = plt.subplots(figsize=(5.5, 4))
+    markers = "osD^v<>ph*"
+    for i, lang in enumerate(study.languages):
+        points = [(share[(m,)].mean, recall[(m, lang)].mean, m) for m in study.methods if (m, lang) in recall]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=lang)
+        for x, y, method in points:
+            ax.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of both towers)")
+    ax.set_ylabel(f"mean recall (%), {top} pairs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{study.name}: quality vs trainable share")
+    return figure
+
+
+def _train_time(study: StudyConfig, rows: list[dict]):
+    import matplotlib.pyplot as plt
+
+    top = max(study.budgets)
+    seconds = group([row for row in rows if row["budget"] == top], "train_wall_s", "method")
+    methods = [m for m in study.methods if (m,) in seconds]
+    figure, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(methods)), 3.6))
+    ax.bar(methods, [seconds[(m,)].mean for m in methods], yerr=[seconds[(m,)].std or 0.0 for m in methods],
+           capsize=3, color="tab:blue")
+    ax.set_ylabel(f"training wall time (s), {top} pairs")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.set_title(f"{study.name}: training time per method")
+    return figure

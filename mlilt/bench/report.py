@@ -1,0 +1,215 @@
+"""The study's report: results.csv / results.json, plots, and report.md answering the seed
+paper's questions from the numbers the cells wrote — nothing here is typed in by hand."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from mlilt import atomic
+from mlilt.bench.config import StudyConfig
+from mlilt.bench.results import Stat, group, load_rows, own_language, rows_csv
+
+MR = "mean_recall"
+
+
+def write_report(study: StudyConfig, out: Path) -> Path:
+    """Write results.csv, results.json, the plots and report.md into ``out``; return the report path."""
+    from mlilt.bench.plots import write_plots
+
+    rows = load_rows(study, out)
+    atomic.write_text(out / "results.csv", rows_csv(rows))
+    atomic.write_text(out / "results.json", json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    plots = write_plots(study, rows, out) if rows else []
+    report = out / "report.md"
+    atomic.write_text(report, render_report(study, out, rows, plots))
+    return report
+
+
+def render_report(study: StudyConfig, out: Path, rows: list[dict], plots: list[Path]) -> str:
+    cells_done = len({row["cell_id"] for row in rows})
+    parts = [_header(study, out, cells_done)]
+    if rows:
+        parts += [_results_section(study, rows), _cost_section(study, rows), _baseline_section(study, rows),
+                  _scarce_section(study, rows), _transfer_section(study, rows), _time_section(study, out, rows),
+                  _plots_section(plots, out)]
+    return "\n\n".join(part for part in parts if part) + "\n"
+
+
+def _header(study: StudyConfig, out: Path, cells_done: int) -> str:
+    command = shlex.join(["mlilt", "bench", "--config", str(study.path), "--out", str(out)])
+    total = len(study.cells())
+    lines = [f"# Study `{study.name}`", study.description.strip(),
+             f"- towers: text `{study.text_tower}`, image `{study.image_tower}`",
+             f"- benchmark: `{study.evaluate.benchmark}`; languages trained: {', '.join(study.languages)}; "
+             f"budgets (training pairs, 10% of them held out to pick the epoch unless set): "
+             f"{', '.join(map(str, study.budgets))}; seeds: {', '.join(map(str, study.seeds))}",
+             f"- cells finished: {cells_done} of {total}" + ("" if cells_done == total else " (the report covers "
+                                                            "only the finished ones)"),
+             f"- reproduce: `{command}`; each cell's own command is in `results.csv`",
+             "- metric: mean recall = mean of R@1/5/10 text→image and image→text, in % "
+             "(mean ± sample std over seeds where there is more than one)"]
+    return "\n".join(line for line in lines if line)
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def _columns(study: StudyConfig) -> list[tuple[str, int]]:
+    return [(lang, budget) for lang in study.languages for budget in study.budgets]
+
+
+def _results_section(study: StudyConfig, rows: list[dict]) -> str:
+    recall = group(own_language(rows), MR, "method", "train_lang", "budget")
+    header = ["method"] + [f"{lang} n={budget}" for lang, budget in _columns(study)]
+    body = [[f"`{m}`"] + [str(recall.get((m, *col), "–")) for col in _columns(study)] for m in study.methods]
+    return "## Mean recall per method, language and data budget (own-language test set)\n\n" + _table(header, body)
+
+
+def _cost_section(study: StudyConfig, rows: list[dict]) -> str:
+    top = max(study.budgets)
+    at_top = [row for row in own_language(rows) if row["budget"] == top]
+    stats = {name: group(at_top, name, "method") for name in
+             ("trainable_percent", "pack_bytes", "train_wall_s", "samples_per_s", "peak_rss_mb")}
+    body = []
+    for m in study.methods:
+        if (m,) not in stats["train_wall_s"]:
+            continue
+        body.append([f"`{m}`", f"{stats['trainable_percent'][(m,)].mean:.3f}",
+                     f"{stats['pack_bytes'][(m,)].mean / 1e6:.2f}", f"{stats['train_wall_s'][(m,)].mean:.0f}",
+                     f"{stats['samples_per_s'][(m,)].mean:.1f}", f"{stats['peak_rss_mb'][(m,)].mean:.0f}"])
+    header = ["method", "trainable % of towers", "pack MB", f"train wall s (n={top})", "samples/s",
+              "peak RSS MB"]
+    return (f"## Cost per method (budget {top}, mean over languages and seeds)\n\n" + _table(header, body) +
+            "\n\nTrain wall time includes loading the towers and computing (or reading cached) image features; "
+            "samples/s counts training steps only. Peak RSS is the cell process's peak while training.")
+
+
+def _baseline_section(study: StudyConfig, rows: list[dict]) -> str:
+    base = study.baseline
+    if not base:
+        return ""
+    recall = group(own_language(rows), MR, "method", "train_lang", "budget")
+    header = ["method"] + [f"{lang} n={budget}" for lang, budget in _columns(study)]
+    body, ratios = [], {}
+    for m in study.methods:
+        if m == base:
+            continue
+        cells = []
+        for col in _columns(study):
+            mine, theirs = recall.get((m, *col)), recall.get((base, *col))
+            if mine and theirs and theirs.mean > 0:
+                ratios.setdefault(m, []).append(mine.mean / theirs.mean)
+                cells.append(f"{mine.mean / theirs.mean:.2f}")
+            else:
+                cells.append("–")
+        body.append([f"`{m}`"] + cells)
+    summary = [f"`{m}` reaches {min(r):.2f}–{max(r):.2f}× the baseline's mean recall" for m, r in ratios.items()]
+    return (f"## How close does each method get to fine-tuning (`{base}`)?\n\nRatio of mean recall, method / "
+            f"`{base}` (1.00 = equal, above 1 = better than the baseline).\n\n" + _table(header, body) +
+            ("\n\n" + "; ".join(summary) + "." if summary else ""))
+
+
+def _scarce_section(study: StudyConfig, rows: list[dict]) -> str:
+    base = study.baseline
+    if not base or len(study.methods) < 2:
+        return ""
+    recall = group(own_language(rows), MR, "method", "train_lang", "budget")
+    lines = []
+    for budget in sorted(study.budgets):
+        wins, compared = [], 0
+        for lang in study.languages:
+            theirs = recall.get((base, lang, budget))
+            mine = {m: recall[(m, lang, budget)] for m in study.methods if m != base and (m, lang, budget) in recall}
+            if not theirs or not mine:
+                continue
+            compared += 1
+            best = max(mine, key=lambda m: mine[m].mean)
+            if mine[best].mean > theirs.mean:
+                wins.append(f"{lang} (`{best}` {mine[best]} vs {theirs})")
+        if compared:
+            verdict = f"better in {len(wins)} of {compared} languages" + (": " + ", ".join(wins) if wins else "")
+            lines.append(f"- **{budget} pairs**: the best parameter-efficient method is {verdict}.")
+    if not lines:
+        return ""
+    return (f"## Is parameter-efficient training better than `{base}` when pairs are scarce?\n\n"
+            "Per budget, the best other method against the baseline (own-language mean recall):\n\n" +
+            "\n".join(lines))
+
+
+def _transfer_section(study: StudyConfig, rows: list[dict]) -> str:
+    if not study.evaluate.transfer:
+        return ""
+    recall = group(rows, MR, "method", "train_lang", "eval_lang", "budget")
+    parts = ["## Knowledge conservation: cross-lingual transfer\n\nA pack trained on one language, evaluated on "
+             "others it saw no pairs in. Retention = mean recall on the target / on the training language. "
+             "\"Target-trained\" is the same method trained on the target language's own pairs (when the study "
+             "trains it)."]
+    for source, targets in study.evaluate.transfer.items():
+        for budget in study.budgets:
+            body, retention = [], {}
+            for m in study.methods:
+                own = recall.get((m, source, source, budget))
+                for target in targets:
+                    away = recall.get((m, source, target, budget))
+                    native = recall.get((m, target, target, budget))
+                    if not own or not away:
+                        continue
+                    kept = away.mean / own.mean if own.mean > 0 else float("nan")
+                    retention.setdefault(m, []).append(kept)
+                    body.append([f"`{m}`", target, str(own), str(away), f"{kept:.2f}", str(native or "–")])
+            if not body:
+                continue
+            parts.append(f"### trained on {source}, {budget} pairs\n\n" + _table(
+                ["method", "target", f"on {source}", "on target", "retention", "target-trained"], body))
+            parts.append(_retention_verdict(study, retention))
+    return "\n\n".join(parts)
+
+
+def _retention_verdict(study: StudyConfig, retention: dict[str, list[float]]) -> str:
+    mean = {m: sum(v) / len(v) for m, v in retention.items()}
+    best = max(mean, key=mean.get)
+    text = f"Best retention: `{best}` ({mean[best]:.2f})."
+    base = study.baseline
+    if base in mean and base != best:
+        text += f" `{base}` keeps {mean[base]:.2f}: {mean[best] - mean[base]:.2f} less than `{best}`."
+    return text
+
+
+def _time_section(study: StudyConfig, out: Path, rows: list[dict]) -> str:
+    """Best held-out recall each method reached within the time the fastest method needed."""
+    from mlilt.bench.results import load_histories
+
+    top = max(study.budgets)
+    histories = load_histories(study, out, budget=top)
+    if not histories:
+        return ""
+    finish = {key: sum(r["seconds"] for r in h if r["epoch"] >= 1) for key, h in histories.items()}
+    budget_s = min(finish.values())
+    reached: dict[str, list[float]] = {}
+    for (method, _lang, _seed), history in histories.items():
+        elapsed, best = 0.0, history[0]["val"][MR]
+        for row in history[1:]:
+            elapsed += row["seconds"]
+            if elapsed <= budget_s + 1e-9:
+                best = max(best, row["val"][MR])
+        reached.setdefault(method, []).append(best)
+    body = [[f"`{m}`", f"{sum(v) / len(v):.1f}", str(_finish_stat(finish, m))] for m, v in reached.items()]
+    return (f"## At a fixed time budget\n\nWith {budget_s:.0f} s of training steps (the fastest method's whole "
+            f"run at {top} pairs), the best validation mean recall each method had reached (held-out part of "
+            f"the budget, checked at epoch ends; mean over languages and seeds):\n\n" +
+            _table(["method", f"val mean recall within {budget_s:.0f} s", "its full run, s"], body))
+
+
+def _finish_stat(finish: dict, method: str) -> Stat:
+    from mlilt.bench.results import stat
+
+    return stat([s for (m, _l, _s), s in finish.items() if m == method])
+
+
+def _plots_section(plots: list[Path], out: Path) -> str:
+    if not plots:
+        return ""
+    return "## Plots\n\n" + "\n\n".join(f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots)

@@ -1,0 +1,185 @@
+"""``mlilt bench`` end to end on a tiny grid: real CLI processes, tiny random towers saved as
+Hugging Face folders (so every cell process can load them), generated demo data."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+METHODS = ["ln", "full"]
+BUDGETS = [24, 48]
+
+
+def _save_towers(folder: Path) -> tuple[str, str]:
+    from transformers import ViTImageProcessor
+
+    from tiny_towers import tiny_hf_vit, tiny_text_tower
+
+    text, image = tiny_text_tower(), tiny_hf_vit()
+    text.model.save_pretrained(folder / "text")
+    text.tokenizer.save_pretrained(folder / "text")
+    image.model.save_pretrained(folder / "image")
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      do_center_crop=False).save_pretrained(folder / "image")
+    return str(folder / "text"), str(folder / "image")
+
+
+def _config(folder: Path, towers: tuple[str, str], **changes) -> Path:
+    config = {"name": "tiny", "towers": {"text": towers[0], "image": towers[1]}, "languages": ["en"],
+              "methods": METHODS, "baseline": "full", "budgets": BUDGETS, "seeds": [0],
+              "train": {"epochs": 2, "batch_size": 8, "holdout": 0.25, "max_length": 16},
+              "method_train": {"full": {"lr": 1e-4}},
+              "data": {"demo": {"scenes": 80, "image_size": 32}},
+              "evaluate": {"benchmark": "demo", "transfer": {"en": ["sw"]}}} | changes
+    path = folder / f"{config['name']}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _mlilt(*args: str, threads: int = 1) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.run([sys.executable, "-m", "mlilt", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    towers = _save_towers(folder)
+    config = _config(folder, towers)
+    out = folder / "out"
+    run = _mlilt("bench", "--config", str(config), "--out", str(out), "--jobs", "2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    return {"folder": folder, "towers": towers, "config": config, "out": out, "stdout": run.stdout}
+
+
+def _results(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))}
+
+
+def test_every_cell_has_results(study):
+    results = _results(study["out"])
+    assert sorted(results) == sorted(f"en_{m}_n{b}_s0" for m in METHODS for b in BUDGETS)
+    for result in results.values():
+        assert sorted(result["eval"]) == ["en", "sw"]  # its own language, and sw by transfer
+        for lang in ("en", "sw"):
+            metrics = result["eval"][lang]["metrics"]
+            assert 0 <= metrics["mean_recall"] <= 100
+            assert set(metrics) >= {"image_retrieval_recall@1", "text_retrieval_recall@10"}
+        assert result["trainable"]["params"] > 0 and result["pack_bytes"] > 0
+        assert result["train_wall_s"] > 0 and result["samples_per_s"] > 0 and result["peak_rss_mb"] > 100
+        assert result["command"].startswith("mlilt bench --config ")
+
+
+def test_full_trains_more_than_ln_and_writes_bigger_packs(study):
+    results = _results(study["out"])
+    ln, full = results["en_ln_n48_s0"], results["en_full_n48_s0"]
+    assert full["trainable"]["percent"] == pytest.approx(100.0)
+    assert ln["trainable"]["percent"] < 5
+    assert full["pack_bytes"] > 2 * ln["pack_bytes"]
+
+
+def test_budgets_are_nested_training_sets(study):
+    """The 24-pair budget is a subset of the 48-pair one (same seed): budgets differ only in size."""
+    from mlilt.bench import load_study
+    from mlilt.bench.cell import budget_pairs
+
+    config = load_study(study["config"])
+    small, large = (budget_pairs(config, study["out"], config.cell(f"en_ln_n{b}_s0")) for b in BUDGETS)
+    assert len(small) == 24 and len(large) == 48
+    assert {(str(p.image.path), p.caption) for p in small} <= {(str(p.image.path), p.caption) for p in large}
+
+
+def test_report_tables_and_plots_are_written(study):
+    out = study["out"]
+    report = (out / "report.md").read_text()
+    for heading in ("Mean recall per method", "How close does each method get to fine-tuning",
+                    "when pairs are scarce", "cross-lingual transfer", "At a fixed time budget"):
+        assert heading in report
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 8  # 4 cells, each on en and (transfer) on sw
+    assert len(json.loads((out / "results.json").read_text())) == 8
+    for name in ("recall_vs_budget", "recall_vs_trainable", "train_time"):
+        with Image.open(out / "plots" / f"{name}.png") as image:
+            assert image.format == "PNG" and image.width > 200
+        assert f"plots/{name}.png" in report
+
+
+def test_report_numbers_come_from_the_cells(study):
+    """The headline table shows each cell's recorded mean recall, formatted, nowhere invented."""
+    results = _results(study["out"])
+    report = (study["out"] / "report.md").read_text()
+    table_row = next(line for line in report.splitlines() if line.startswith("| `ln` |"))
+    expected = [f"{results[f'{lang}_ln_n{b}_s0']['eval'][lang]['metrics']['mean_recall']:.1f}"
+                for lang in ("en",) for b in BUDGETS]
+    assert table_row == "| `ln` | " + " | ".join(expected) + " |"
+
+
+def test_rerun_skips_done_cells(study):
+    before = {p.name: p.stat().st_mtime_ns for p in (study["out"] / "cells").glob("*.json")}
+    run = _mlilt("bench", "--config", str(study["config"]), "--out", str(study["out"]))
+    assert run.returncode == 0, run.stderr
+    assert "4 already done, 0 to run" in run.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (study["out"] / "cells").glob("*.json")} == before
+
+
+def test_rerun_command_reproduces_the_cell(study):
+    result = _results(study["out"])["en_ln_n24_s0"]
+    command = shlex.split(result["command"])
+    assert command[:2] == ["mlilt", "bench"]
+    run = _mlilt(*command[1:])
+    assert run.returncode == 0, run.stdout + run.stderr
+    again = _results(study["out"])["en_ln_n24_s0"]
+    assert again["eval"] == result["eval"]
+    timeless = [[{k: v for k, v in row.items() if k not in ("seconds", "samples_per_s")} for row in r["history"]]
+                for r in (result, again)]
+    assert timeless[0] == timeless[1] and len(timeless[0]) == 3  # epoch 0 (untrained), 1 and 2
+
+
+def test_interrupted_study_runs_only_missing_and_stale_cells(study, tmp_path):
+    """A lost cell result (an interrupted run) and a changed setting rerun just those cells."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(study["out"], out)
+    (out / "cells" / "en_full_n24_s0.json").unlink()
+    run = _mlilt("bench", "--config", str(study["config"]), "--out", str(out), "--list")
+    assert run.returncode == 0
+    pending = [line.split()[-1] for line in run.stdout.splitlines() if line.startswith("pending")]
+    assert pending == ["en_full_n24_s0"]
+    changed = _config(tmp_path, study["towers"], method_train={"full": {"lr": 2e-4}})
+    run = _mlilt("bench", "--config", str(changed), "--out", str(out), "--list")
+    pending = [line.split()[-1] for line in run.stdout.splitlines() if line.startswith("pending")]
+    assert sorted(pending) == sorted(f"en_full_n{b}_s0" for b in BUDGETS)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"methods": ["ln", "nonsense"]}, "unknown method 'nonsense'"),
+    ({"optimiser": "sgd"}, "unknown setting optimiser"),
+    ({"train": {"epochs": 1, "lang": "de"}}, "train: unknown setting lang"),
+    ({"baseline": "lora"}, "baseline names lora"),
+    ({"budgets": [24, 1]}, "at least 2 pairs"),
+    ({"evaluate": {"benchmark": "xm3600"}}, "needs evaluate.root"),
+    ({"data": {"train": "pairs.jsonl"}}, "must be a path containing {lang}"),
+])
+def test_bad_configs_are_refused_naming_the_setting(study, tmp_path, bad, message):
+    config = _config(tmp_path, study["towers"], **bad)
+    run = _mlilt("bench", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert message in run.stderr and str(config) in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_budget_larger_than_the_data_is_refused_before_training(study, tmp_path):
+    config = _config(tmp_path, study["towers"], budgets=[24, 5000])
+    run = _mlilt("bench", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "5000" in run.stderr and "en/train.jsonl" in run.stderr
+    assert not (tmp_path / "out" / "cells").exists()
