@@ -213,7 +213,7 @@ def _fit(model, train_split, val_split, sources, config: TrainConfig, progress, 
     where = checkpoint_dir(config.out)
 
     def checkpoint(state: FitState) -> None:
-        if ranks.is_main:
+        if ranks.is_main and config.checkpoint_every:  # 0: no checkpoints (short runs, studies)
             save_checkpoint(where, state, model, optimizer, schedule, generator, config, data_hash)
 
     def check() -> dict:
@@ -273,7 +273,7 @@ def _epoch(model, split: Split, sources, training, config: TrainConfig, state: F
         state.batch, state.step = state.batch + 1, state.step + 1
         state.seconds = time.perf_counter() - started
         advance(len(batches[state.batch - 1]), loss=loss)
-        if state.batch < len(batches) and state.step % config.checkpoint_every == 0:
+        if state.batch < len(batches) and config.checkpoint_every and state.step % config.checkpoint_every == 0:
             checkpoint(state)
     seconds = max(1e-9, time.perf_counter() - started)
     row = {"epoch": state.epoch, "loss": sum(state.losses) / len(state.losses) if state.losses else float("nan"),

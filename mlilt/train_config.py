@@ -39,7 +39,7 @@ class TrainConfig:
     exclude_leaks: str | None = None  # a benchmark whose test captions/images must not be trained on
     leak_root: str | None = None  # where that benchmark lives (a pairs file for "custom")
     leak_threshold: float = 80.0  # sentence chrF at or above which a caption counts as leaked
-    checkpoint_every: int = 50  # steps between checkpoints in <out>.checkpoint/ (also at each epoch end)
+    checkpoint_every: int = 50  # steps between checkpoints in <out>.checkpoint/ (also at each epoch end); 0: none
     resume: bool = False  # continue from <out>.checkpoint/ (same settings and data); else it is replaced
     skip_nonfinite: bool = False  # skip (and count) batches whose loss or gradient norm is NaN/inf; else stop
 
@@ -51,7 +51,7 @@ class TrainConfig:
                   (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be within [0, 1]"),
                   (self.weight_decay >= 0, "--weight-decay must be >= 0"),
                   (self.text_cache_mb >= 0, "--text-cache-mb must be >= 0"),
-                  (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+                  (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (no checkpoints) or more"),
                   (self.grad_clip > 0, "--grad-clip must be positive"),
                   (self.holdout > 0, "--holdout must be positive"),
                   (self.embed_dim >= 1, "--embed-dim must be positive"),

@@ -169,3 +169,21 @@ def test_checkpoint_without_resume_is_replaced(data, tmp_path):
     result = runner.invoke(app, _args(data, out, "--epochs", "1"))  # other settings, no --resume: starts over
     assert result.exit_code == 0, result.output
     assert (out / PACK_CONFIG).exists() and not checkpoint_dir(out).exists()
+
+
+def test_checkpoint_every_zero_writes_no_checkpoint_and_the_same_pack(data, tmp_path):
+    """Studies of short runs turn checkpoints off; training itself is unchanged."""
+    import mlilt.checkpoint as checkpoints
+
+    written = []
+    original = checkpoints.save_checkpoint
+    try:
+        import mlilt.train as training
+        training.save_checkpoint = lambda *a, **k: written.append(a) or original(*a, **k)
+        without = train(_config(data, tmp_path / "none", checkpoint_every=0))
+        assert written == [] and not checkpoint_dir(tmp_path / "none").exists()
+        with_checkpoints = train(_config(data, tmp_path / "some"))
+        assert written  # the same wrapper does see checkpoints when they are on
+    finally:
+        training.save_checkpoint = original
+    assert (without.pack / PACK_TENSORS).read_bytes() == (with_checkpoints.pack / PACK_TENSORS).read_bytes()
