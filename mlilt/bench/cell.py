@@ -94,9 +94,12 @@ def _train(study: StudyConfig, cell: Cell, data: Path, pack_out: Path, console) 
     from mlilt.train import train
     from mlilt.train_config import TrainConfig
 
+    settings = study.train_settings(cell.method)
+    if "steps" in settings:
+        settings["epochs"] = epochs_for_steps(settings.pop("steps"), cell.budget, settings)
     config = TrainConfig(lang=cell.lang, data=str(data), out=str(pack_out), method=cell.method,
                          text_tower=study.text_tower, image_tower=study.image_tower, seed=cell.seed,
-                         overwrite=True, **study.train_settings(cell.method))
+                         overwrite=True, **settings)
     started = time.perf_counter()
     result = train(config, console=console)
     seconds = time.perf_counter() - started
@@ -110,6 +113,18 @@ def _train(study: StudyConfig, cell: Cell, data: Path, pack_out: Path, console) 
             "peak_rss_mb": round(_peak_rss_mb(), 1), "gpu_peak_mb": _gpu_peak_mb(),
             "best_epoch": next(r["epoch"] for r in result.history if r["val"] == result.metrics),
             "history": result.history, "settings": config.to_dict()}
+
+
+def epochs_for_steps(steps: int, budget: int, settings: dict) -> int:
+    """Epochs that give at least ``steps`` optimizer steps on this budget: every budget gets the
+    same compute, so small budgets are not also starved of steps."""
+    from mlilt.train_config import TrainConfig
+
+    holdout = settings.get("holdout", TrainConfig.holdout)
+    train_pairs = budget - (holdout if holdout >= 1 else round(budget * holdout))
+    batch = settings.get("batch_size", TrainConfig.batch_size)
+    steps_per_epoch = max(1, int(train_pairs) // batch)
+    return max(1, -(-steps // steps_per_epoch))
 
 
 def _trainable_summary(towers: dict) -> dict:

@@ -99,7 +99,13 @@ class StudyConfig:
         return list(dict.fromkeys(self.languages + targets))
 
     def train_settings(self, method: str) -> dict:
-        return {**self.train, **self.method_train.get(method, {})}
+        """Training settings of one method; ``steps`` (a bench-only setting) or ``epochs``, not both."""
+        settings = {**self.train, **self.method_train.get(method, {})}
+        if "epochs" in self.method_train.get(method, {}):
+            settings.pop("steps", None)
+        if "steps" in self.method_train.get(method, {}):
+            settings.pop("epochs", None)
+        return settings
 
     def cell_spec(self, cell: Cell) -> dict:
         """Everything a cell's numbers depend on; its hash tells a done cell from a stale one."""
@@ -201,8 +207,12 @@ def _train_settings(raw, where: str) -> dict:
     from mlilt.train_config import TrainConfig
 
     raw = _mapping(raw, where)
-    allowed = {f.name for f in dataclasses.fields(TrainConfig)} - _CELL_OWNED
+    allowed = ({f.name for f in dataclasses.fields(TrainConfig)} - _CELL_OWNED) | {"steps"}
     _no_unknown(raw, allowed, where)
+    if "steps" in raw and "epochs" in raw:
+        raise UsageError(f"{where}: give steps or epochs, not both")
+    if "steps" in raw and (not isinstance(raw["steps"], int) or raw["steps"] < 1):
+        raise UsageError(f"{where}: steps must be a positive number of optimizer steps")
     return dict(raw)
 
 
