@@ -1,78 +1,279 @@
 """Load check: memory stays flat across training epochs and bounded for large evaluations.
 
-    python benchmarks/load/memory.py [--pairs 50000] [--epochs 3] [--captions 100000]
+    python benchmarks/load/memory.py epochs    [--pairs 50000] [--epochs 3]
+    python benchmarks/load/memory.py scaling   [--sizes 5000,10000,20000,50000] [--epochs 3]
+    python benchmarks/load/memory.py retrieval [--sizes 1000,10000,100000]
+    python benchmarks/load/memory.py evaluate  [--captions 100000]
 
-Training uses tiny random towers (the check is about the loop's memory, not about learning)
-on generated demo pairs with the image side frozen, so features come from the cache; it
-prints peak RSS after every epoch. Evaluation scores `--captions` random caption embeddings
-against as many images with CLIP_benchmark recall, in chunks, and prints time and peak RSS.
+Training uses tiny random towers from ``tests/tiny_towers.py`` (the check is about the loop's
+memory and cost, not about learning) on generated demo pairs (32 px) with the image side
+frozen, so image features come from the feature cache. It runs through the public
+``mlilt.train.train`` with a console that marks each epoch's end (the "epoch N:" line the
+loop prints), so every epoch gets its own memory window.
+
+Memory is the process's resident set from ``/proc/self/status``: the peak of a window is
+``VmHWM`` after resetting it at the window's start (``/proc/self/clear_refs``, exact), and a
+thread also samples ``VmRSS`` every 50 ms as a cross-check. Linux only.
 """
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import os
+import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mlilt from this checkout; the tiny towers
+
+MB = 1024  # /proc reports kB
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def proc_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in MB."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1)) / MB
 
 
-def training(pairs: int, epochs: int) -> None:
+def reset_peak() -> None:
+    """Restart ``VmHWM`` from the current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+class MemoryWindows:
+    """Peak and end RSS per named window; ``mark(name)`` closes the window in progress.
+
+    Windows marked with the same name merge (peak of peaks, last end).
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.rows, self.sampled = interval, {}, 0.0
+        self.started = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        reset_peak()
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sampled = max(self.sampled, proc_mb("VmRSS"))
+
+    def mark(self, name: str) -> None:
+        now, peak, end = time.perf_counter(), proc_mb("VmHWM"), proc_mb("VmRSS")
+        sampled, self.sampled = max(self.sampled, end), end
+        reset_peak()
+        old = self.rows.get(name, {"peak": 0.0, "sampled": 0.0, "seconds": 0.0})
+        self.rows[name] = {"peak": max(old["peak"], peak), "sampled": max(old["sampled"], sampled), "end": end,
+                           "seconds": old["seconds"] + now - self.started}
+        self.started = now
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class EpochConsole(Console):
+    """A silent console that closes a memory window whenever the training loop reports an epoch.
+
+    Every progress bar the loop opens before training (image features) closes a "setup"
+    window, so "epoch 1" starts when the training bar does.
+    """
+
+    def __init__(self, windows: MemoryWindows):
+        super().__init__(file=open(os.devnull, "w"), width=120)
+        self.windows = windows
+
+    def set_live(self, live) -> bool:
+        self.windows.mark("setup")
+        return super().set_live(live)
+
+    def print(self, *objects, **kwargs) -> None:
+        text = objects[0] if objects and isinstance(objects[0], str) else ""
+        match = re.match(r"epoch (\d+):", text)
+        if match:
+            self.windows.mark(f"epoch {match.group(1)}")
+        super().print(*objects, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Data and towers
+
+
+def register_tiny_towers() -> None:
     from tiny_towers import tiny_text_tower, tiny_timm_cnn
 
-    from mlilt.data.demo import generate_demo
-    from mlilt.progress import TrainProgress
     from mlilt.towers.registry import register_tower
+    register_tower(tiny_text_tower())
+    register_tower(tiny_timm_cnn())
+
+
+def demo_pairs(root: Path, pairs: int) -> Path:
+    """``pairs`` demo caption lines (Swahili, 32 px) under ``root``, generated once and reused."""
+    from mlilt.data.demo import generate_demo
+
+    data = root / "data"
+    scenes = int(pairs / 0.8) + 1  # the generator keeps 20% of scenes for its test split
+    marker = data / "scenes.n"
+    if not marker.exists() or int(marker.read_text()) < scenes:
+        started = time.perf_counter()
+        generate_demo(data, ["sw"], n=scenes, image_size=32, overwrite=True)
+        marker.write_text(str(scenes))
+        print(f"generated {scenes:,} demo scenes in {time.perf_counter() - started:.0f} s", flush=True)
+    return data / "sw" / "train.jsonl"
+
+
+def subset(train_file: Path, lines: int) -> Path:
+    """The first ``lines`` lines of ``train_file`` beside it (relative image paths still resolve)."""
+    rows = train_file.read_text().splitlines(keepends=True)
+    if len(rows) < lines:
+        raise SystemExit(f"{train_file} has {len(rows)} pairs, fewer than {lines}")
+    out = train_file.with_name(f"train_{lines}.jsonl")
+    out.write_text("".join(rows[:lines]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def train_tiny(data: Path, out: Path, epochs: int, holdout: int, console=None):
     from mlilt.train import train
     from mlilt.train_config import TrainConfig
 
-    register_tower(tiny_text_tower())
-    register_tower(tiny_timm_cnn())
-    root = Path(tempfile.mkdtemp())
-    started = time.perf_counter()
-    generate_demo(root / "data", ["sw"], n=int(pairs / 0.8) + 1, image_size=32)
-    print(f"generated {pairs} pairs in {time.perf_counter() - started:.0f} s; peak RSS {peak_rss_mb():.0f} MB")
-
-    def log_epoch(self, row):
-        print(f"epoch {row['epoch']}: {row['samples_per_s']} pairs/s, peak RSS {peak_rss_mb():.0f} MB", flush=True)
-
-    TrainProgress.log_epoch = log_epoch  # print with the RSS, with or without a console
-    train(TrainConfig(lang="sw", data=str(root / "data/sw/train.jsonl"), out=str(root / "pack"),
-                      text_tower="tiny-bert-0", image_tower="tiny-timm-cnn", method="ln@text", epochs=epochs,
-                      batch_size=256, holdout=max(2, min(1000, pairs // 10))), console=None)
+    config = TrainConfig(lang="sw", data=str(data), out=str(out), text_tower="tiny-bert-0",
+                         image_tower="tiny-timm-cnn", method="ln@text", epochs=epochs, batch_size=256,
+                         holdout=holdout, overwrite=True)
+    return train(config, console=console)
 
 
-def evaluation(captions: int) -> None:
-    from mlilt.evaluation.retrieval import retrieval_metrics
+def epochs_table(root: Path, pairs: int, epochs: int, holdout: int) -> None:
+    """Peak RSS within each epoch, and RSS at its end, training on ``pairs`` pairs."""
+    data = subset(demo_pairs(root, pairs + holdout), pairs + holdout)
+    windows = MemoryWindows()
+    result = train_tiny(data, root / f"pack_{pairs}", epochs, holdout, console=EpochConsole(windows))
+    windows.mark("save")
+    windows.close()
+    seconds = {f"epoch {row['epoch']}": row["seconds"] for row in result.history if "seconds" in row}
+    print(f"\n{pairs:,} training pairs, {holdout:,} held out, batch 256, {epochs} epochs")
+    print("| window | seconds (all) | training seconds | peak RSS (VmHWM) | max sampled RSS | RSS at end |")
+    print("|---|---|---|---|---|---|")
+    for name, row in windows.rows.items():
+        steps = f"{seconds[name]:.1f}" if name in seconds else "-"
+        print(f"| {name} | {row['seconds']:.1f} | {steps} | {row['peak']:,.0f} MB | {row['sampled']:,.0f} MB "
+              f"| {row['end']:,.0f} MB |")
+    first, last = windows.rows["epoch 1"], windows.rows[f"epoch {epochs}"]
+    print(f"epoch 1 -> epoch {epochs}: peak {last['peak'] - first['peak']:+.0f} MB, "
+          f"end {last['end'] - first['end']:+.0f} MB", flush=True)
 
-    before = peak_rss_mb()
+
+def scaling_table(root: Path, sizes: list[int], epochs: int, holdout: int) -> None:
+    """Seconds per epoch (training steps only, no validation) against the number of pairs.
+
+    The fastest epoch of each run is the figure least disturbed by other jobs on the machine.
+    """
+    train_file = demo_pairs(root, max(sizes) + holdout)
+    print("\n| pairs | " + " | ".join(f"epoch {e} s" for e in range(1, epochs + 1))
+          + " | fastest s/epoch | µs/pair (fastest) | µs/pair (mean) |")
+    print("|---|" + "---|" * (epochs + 3))
+    for pairs in sizes:
+        result = train_tiny(subset(train_file, pairs + holdout), root / f"pack_{pairs}", epochs, holdout)
+        seconds = [row["seconds"] for row in result.history if "seconds" in row]  # epoch 0: validation only
+        trained = (pairs // 256) * 256  # the loop runs full batches only
+        print(f"| {pairs:,} | " + " | ".join(f"{s:.2f}" for s in seconds) + f" | {min(seconds):.2f} "
+              f"| {1e6 * min(seconds) / trained:.0f} | {1e6 * sum(seconds) / len(seconds) / trained:.0f} |",
+              flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def retrieval_function(path: str | None):
+    """``retrieval_metrics`` of this checkout, or of another version's ``retrieval.py`` file."""
+    if path is None:
+        from mlilt.evaluation.retrieval import retrieval_metrics
+        return retrieval_metrics
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("retrieval_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.retrieval_metrics
+
+
+def retrieval_table(sizes: list[int], path: str | None = None, dim: int = 256) -> None:
+    """Time and peak extra RSS of ``retrieval_metrics`` on n captions x n images (one each)."""
+    retrieval_metrics = retrieval_function(path)
+    print("\n| captions x images | seconds | RSS before | peak RSS | peak extra |")
+    print("|---|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
-    for n in (1_000, 10_000, captions):
-        text = torch.nn.functional.normalize(torch.randn(n, 256, generator=generator), dim=-1)
-        image = torch.nn.functional.normalize(torch.randn(n, 256, generator=generator), dim=-1)
+    for n in sizes:
+        text = torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1)
+        image = torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1)
+        before = proc_mb("VmRSS")
+        reset_peak()
         started = time.perf_counter()
-        retrieval_metrics(text, image, list(range(n)), chunk=2048)
-        print(f"retrieval {n:,} captions x {n:,} images: {time.perf_counter() - started:.1f} s, "
-              f"peak RSS {peak_rss_mb():.0f} MB ({peak_rss_mb() - before:+.0f} MB over the start)", flush=True)
+        retrieval_metrics(text, image, torch.arange(n))
+        seconds, peak = time.perf_counter() - started, proc_mb("VmHWM")
+        print(f"| {n:,} x {n:,} | {seconds:.1f} | {before:,.0f} MB | {peak:,.0f} MB | {peak - before:+,.0f} MB |",
+              flush=True)
+        del text, image
+
+
+def evaluate_table(root: Path, captions: int) -> None:
+    """``mlilt.evaluation.evaluate`` of a small tiny-tower pack on ``captions`` demo pairs."""
+    from mlilt.evaluation.evaluate import evaluate
+
+    train_file = demo_pairs(root, captions)
+    data = subset(train_file, captions)
+    pack = root / "pack_eval"
+    train_tiny(subset(train_file, 2_000), pack, 1, 200)
+    windows = MemoryWindows()
+    started = time.perf_counter()
+    [result] = evaluate("custom", [str(pack)], data=str(data), langs=["sw"])
+    seconds = time.perf_counter() - started
+    windows.mark("evaluate")
+    windows.close()
+    row = windows.rows["evaluate"]
+    print(f"\n| captions x images | seconds | peak RSS (VmHWM) | max sampled RSS | RSS at end | mean recall |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {captions:,} x {captions:,} | {seconds:.0f} | {row['peak']:,.0f} MB | {row['sampled']:,.0f} MB "
+          f"| {row['end']:,.0f} MB | {result.metrics['mean_recall']:.2f} |", flush=True)
+    print(json.dumps(result.counts))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=50_000)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--captions", type=int, default=100_000)
+    parser.add_argument("part", choices=["epochs", "scaling", "retrieval", "evaluate"])
+    parser.add_argument("--pairs", type=int, default=50_000, help="epochs: training pairs")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs: 3, scaling: 3")
+    parser.add_argument("--holdout", type=int, default=1_000, help="validation pairs, on top of --pairs")
+    parser.add_argument("--sizes", default=None, help="comma-separated; scaling: pairs, retrieval: n")
+    parser.add_argument("--captions", type=int, default=100_000, help="evaluate: captions (one per image)")
+    parser.add_argument("--retrieval-file", default=None,
+                        help="retrieval: time this retrieval.py (e.g. an older version) instead of mlilt's")
+    parser.add_argument("--workdir", default=None, help="where generated data and packs go (default: temp)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    evaluation(args.captions)
-    training(args.pairs, args.epochs)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="mlilt-load-"))
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLILT_CACHE", str(root / "cache"))  # a fresh feature cache, not the user's
+    register_tiny_towers()
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    if args.part == "epochs":
+        epochs_table(root, args.pairs, args.epochs or 3, args.holdout)
+    elif args.part == "scaling":
+        scaling_table(root, sizes or [5_000, 10_000, 20_000, 50_000], args.epochs or 3, args.holdout)
+    elif args.part == "retrieval":
+        retrieval_table(sizes or [1_000, 10_000, 100_000], args.retrieval_file)
+    else:
+        evaluate_table(root, args.captions)
 
 
 if __name__ == "__main__":
