@@ -22,7 +22,8 @@ from mlilt.packs import PACK_CONFIG, PACK_TENSORS
 from mlilt.train import train
 from mlilt.train_config import TrainConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Each torchrun start imports torch, transformers and timm in every worker: 30-80 s a test here.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 TESTS = Path(__file__).resolve().parent
 TEXT_SPEC, IMAGE_SPEC = "tiny-bert-0", "tiny-timm-vit"
@@ -65,7 +66,8 @@ def _settings(data, out, **overrides) -> dict:
 def _args(settings: dict) -> list[str]:
     args = ["train"]
     for key, value in settings.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        args += [flag] if value is True else [flag, str(value)]  # True: a bare flag (--resume)
     return args
 
 
@@ -162,5 +164,5 @@ def test_resume_a_killed_two_process_run_gives_the_uninterrupted_pack(tiny_vit_t
         process.wait(timeout=60)
         process.stdout.close()
     assert not (out / PACK_CONFIG).exists()
-    _torchrun(tmp_path, {**settings, "out": str(out), "resume": "true"})
+    _torchrun(tmp_path, {**settings, "out": str(out), "resume": True})
     _assert_same_run(reference, out)
