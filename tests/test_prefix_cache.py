@@ -1,0 +1,106 @@
+"""Frozen means cached inside the text tower: with only the top blocks training, the hidden
+states below them are computed once per caption, and training gives what the whole tower gives."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from mlilt.build import build_sides
+from mlilt.data.demo import generate_demo
+from mlilt.packs import PACK_TENSORS
+from mlilt.text_cache import PrefixCache, cut_point, first_trainable_block
+from mlilt.train import train
+from mlilt.train_config import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CAPTIONS = ["a red circle", "a large small red blue green yellow circle square", "ndogo na kubwa",
+            "a blue star left", "top"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prefix-demo") / "data"
+    generate_demo(out, ["sw"], n=40, image_size=32)
+    return out / "sw" / "train.jsonl"
+
+
+def _text_side(towers, method):
+    sides, _ = build_sides(dict(towers), method, 16, seed=0)
+    return sides["text"].tower
+
+
+@pytest.mark.parametrize("method, cut", [("unlock:1", 1), ("unlock:1@text", 1), ("head", 2), ("unlock:2", None),
+                                         ("ln", None), ("ln@text+unlock:1", None), ("lora", None),
+                                         ("adapter", None), ("full-text", None), ("bitfit@text", None)])
+def test_cut_is_the_lowest_trainable_block_and_nothing_below_trains(tiny_vit_towers, method, cut):
+    # ln trains the embeddings' LayerNorm; bitfit their biases: nothing may be cached then.
+    assert cut_point(_text_side(tiny_vit_towers, method)) == cut
+
+
+def test_first_trainable_block_sees_blocks_embeddings_and_tail(tiny_vit_towers):
+    assert first_trainable_block(_text_side(tiny_vit_towers, "unlock:1")) == 1
+    assert first_trainable_block(_text_side(tiny_vit_towers, "head")) == 2  # nothing in the tower trains
+    assert first_trainable_block(_text_side(tiny_vit_towers, "ln")) is None  # the embeddings' LayerNorm
+
+
+def test_cached_features_equal_the_whole_tower_whatever_the_batch(tiny_vit_towers):
+    tower = _text_side(tiny_vit_towers, "unlock:1")
+    cache = PrefixCache(tower, cut=1, limit_bytes=2**20)
+    device = torch.device("cpu")
+    cache.features("train", [0, 1, 2], CAPTIONS[:3], device)  # filled in one batch composition ...
+    order = [4, 2, 0, 3]  # ... read in another, with other padding
+    got = cache.features("train", order, [CAPTIONS[i] for i in order], device)
+    tokens = tower.tokenize([CAPTIONS[i] for i in order])
+    assert torch.allclose(got, tower(tokens["input_ids"], tokens["attention_mask"]), atol=1e-5)
+    lengths = [len(tower.tokenize([c], pad=False)["input_ids"][0]) for c in CAPTIONS]
+    assert [len(cache.states[("train", i)]) for i in range(5)] == lengths  # stored unpadded
+    assert cache.bytes == sum(lengths) * tower.width * 4
+
+
+def test_gradients_flow_into_the_top_blocks_only(tiny_vit_towers):
+    tower = _text_side(tiny_vit_towers, "unlock:1")
+    cache = PrefixCache(tower, cut=1, limit_bytes=2**20)
+    cache.features("train", [0, 1], CAPTIONS[:2], torch.device("cpu")).sum().backward()
+    trained = {name for name, p in tower.named_parameters() if p.grad is not None}
+    assert trained and all(name.startswith("model.encoder.layer.1.") for name in trained)
+
+
+def test_memory_limit_stops_the_cache_growing_not_the_training(tiny_vit_towers):
+    tower = _text_side(tiny_vit_towers, "unlock:1")
+    cache = PrefixCache(tower, cut=1, limit_bytes=3 * tower.width * 4 * 4)  # room for ~3 short captions
+    out = cache.features("train", list(range(5)), CAPTIONS, torch.device("cpu"))
+    tokens = tower.tokenize(CAPTIONS)
+    assert torch.allclose(out, tower(tokens["input_ids"], tokens["attention_mask"]), atol=1e-5)
+    assert cache.full and cache.bytes <= cache.limit_bytes and "limit reached" in cache.describe()
+
+
+def _train(data, out, console=None, **overrides):
+    settings = dict(lang="sw", data=str(data), out=str(out), text_tower="tiny-bert-0", image_tower="tiny-timm-vit",
+                    embed_dim=16, epochs=3, batch_size=8, method="unlock:1@text")
+    settings.update(overrides)
+    return train(TrainConfig(**settings), console=console)
+
+
+@pytest.mark.parametrize("method", ["unlock:1@text", "head"])
+def test_training_with_the_cache_gives_the_whole_tower_run(tiny_vit_towers, data, tmp_path, method):
+    text_calls = tiny_vit_towers["text"].calls
+    before = text_calls.count
+    plain = _train(data, tmp_path / "plain", method=method, cache_text=False)
+    whole_tower_calls = text_calls.count - before
+    log = Console(file=io.StringIO(), width=200)
+    cached = _train(data, tmp_path / "cached", method=method, console=log)
+    assert text_calls.count - before - whole_tower_calls <= 1  # only the one self-check runs the whole tower
+    assert whole_tower_calls > 10
+    for ours, theirs in zip(cached.history, plain.history, strict=True):
+        assert ours.get("loss") == pytest.approx(theirs.get("loss"), abs=1e-5)
+        assert ours["val"] == pytest.approx(theirs["val"], abs=1e-3)
+    want, got = load_file(str(plain.pack / PACK_TENSORS)), load_file(str(cached.pack / PACK_TENSORS))
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name], got[name], atol=1e-5), name
+    assert "text prefix cache: blocks below" in log.file.getvalue() and "MiB" in log.file.getvalue()
