@@ -80,8 +80,9 @@ class StudyConfig:
     description: str = ""
 
     def cells(self) -> list[Cell]:
-        return [Cell(lang, method, budget, seed) for lang in self.languages for method in self.methods
-                for budget in self.budgets for seed in self.seeds]
+        # Seed and budget outermost: a study stopped early has whole comparisons, not a few methods.
+        return [Cell(lang, method, budget, seed) for seed in self.seeds for budget in self.budgets
+                for lang in self.languages for method in self.methods]
 
     def cell(self, cell_id: str) -> Cell:
         match = _CELL_ID.match(cell_id)
