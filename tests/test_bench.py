@@ -183,3 +183,28 @@ def test_budget_larger_than_the_data_is_refused_before_training(study, tmp_path)
     assert run.returncode == 3, run.stdout + run.stderr
     assert "5000" in run.stderr and "en/train.jsonl" in run.stderr
     assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_interrupt_keeps_finished_cells_and_a_rerun_finishes_the_rest(study, tmp_path):
+    """Ctrl-C (SIGINT to the process group) mid-study: finished cells stay, whole and valid;
+    nothing more is launched; the next run does only what is missing."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "mlilt", "bench", "--config", str(study["config"]),
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((out / "cells").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output
+    done = _results(out)  # every file written is a whole JSON result
+    assert 1 <= len(done) < 4, output
+    run = _mlilt("bench", "--config", str(study["config"]), "--out", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"{len(done)} already done, {4 - len(done)} to run" in run.stdout
+    assert len(_results(out)) == 4

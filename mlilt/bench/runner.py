@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,14 +90,20 @@ def run_study(study: StudyConfig, out: Path, jobs: int = 1, force: bool = False,
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(jobs):
         slots.put(slot)
+    interrupted = threading.Event()  # Ctrl-C reaches the cells too: launch nothing more
 
     def launch(cell: Cell) -> None:
+        if interrupted.is_set():
+            return
         slot = slots.get()
         try:
             code, log_file = _run_cell_process(study, out, cell, slot, jobs)
         finally:
             slots.put(slot)
-        if code == 0:
+        if code in (130, -signal.SIGINT):
+            interrupted.set()
+            log(f"  interrupted {cell.id}: finished cells are kept; rerun to continue")
+        elif code == 0:
             run.ran.append(cell.id)
             log(f"  done   {cell.id}  {_headline(out, cell)}")
         else:
@@ -103,7 +111,11 @@ def run_study(study: StudyConfig, out: Path, jobs: int = 1, force: bool = False,
             log(f"  FAILED {cell.id} (exit {code}); see {log_file}")
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(launch, pending))
+        try:
+            list(pool.map(launch, pending))
+        except KeyboardInterrupt:
+            interrupted.set()
+            raise
     return run
 
 
