@@ -74,7 +74,7 @@ def test_every_cell_has_results(study):
             assert 0 <= metrics["mean_recall"] <= 100
             assert set(metrics) >= {"image_retrieval_recall@1", "text_retrieval_recall@10"}
         assert result["trainable"]["params"] > 0 and result["pack_bytes"] > 0
-        assert result["train_wall_s"] > 0 and result["samples_per_s"] > 0 and result["peak_rss_mb"] > 100
+        assert result["train_wall_s"] > 0 and result["train_cpu_s"] > 0 and result["samples_per_s"] > 0 and result["peak_rss_mb"] > 100
         assert result["command"].startswith("mlilt bench --config ")
 
 

@@ -100,15 +100,16 @@ def _train(study: StudyConfig, cell: Cell, data: Path, pack_out: Path, console) 
     config = TrainConfig(lang=cell.lang, data=str(data), out=str(pack_out), method=cell.method,
                          text_tower=study.text_tower, image_tower=study.image_tower, seed=cell.seed,
                          overwrite=True, **settings)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     result = train(config, console=console)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, _cpu_seconds() - cpu_started
     trainable = result.report.to_dict()["towers"]
     train_rows = [row for row in result.history if row.get("epoch", 0) >= 1]
     steps_seconds = sum(row["seconds"] for row in train_rows)
     samples = sum(row["samples_per_s"] * row["seconds"] for row in train_rows)
     return {"pack": str(result.pack), "pack_bytes": _folder_bytes(result.pack),
             "trainable": _trainable_summary(trainable), "train_wall_s": round(seconds, 2),
+            "train_cpu_s": round(cpu_seconds, 2),
             "train_steps_s": round(steps_seconds, 2), "samples_per_s": round(samples / max(steps_seconds, 1e-9), 2),
             "peak_rss_mb": round(_peak_rss_mb(), 1), "gpu_peak_mb": _gpu_peak_mb(),
             "best_epoch": next(r["epoch"] for r in result.history if r["val"] == result.metrics),
@@ -158,6 +159,12 @@ def _folder_bytes(folder: Path) -> int:
     from mlilt.packs import PACK_CONFIG, PACK_TENSORS
 
     return sum((Path(folder) / name).stat().st_size for name in (PACK_CONFIG, PACK_TENSORS))
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads): less swayed than wall time by other jobs on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _peak_rss_mb() -> float:

@@ -72,16 +72,17 @@ def _cost_section(study: StudyConfig, rows: list[dict]) -> str:
     top = max(study.budgets)
     at_top = [row for row in own_language(rows) if row["budget"] == top]
     stats = {name: group(at_top, name, "method") for name in
-             ("trainable_percent", "pack_bytes", "train_wall_s", "samples_per_s", "peak_rss_mb")}
+             ("trainable_percent", "pack_bytes", "train_wall_s", "train_cpu_s", "samples_per_s", "peak_rss_mb")}
     body = []
     for m in study.methods:
         if (m,) not in stats["train_wall_s"]:
             continue
         body.append([f"`{m}`", f"{stats['trainable_percent'][(m,)].mean:.3f}",
                      f"{stats['pack_bytes'][(m,)].mean / 1e6:.2f}", f"{stats['train_wall_s'][(m,)].mean:.0f}",
+                     f"{stats['train_cpu_s'][(m,)].mean:.0f}",
                      f"{stats['samples_per_s'][(m,)].mean:.1f}", f"{stats['peak_rss_mb'][(m,)].mean:.0f}"])
-    header = ["method", "trainable % of towers", "pack MB", f"train wall s (n={top})", "samples/s",
-              "peak RSS MB"]
+    header = ["method", "trainable % of towers", "pack MB", f"train wall s (n={top})", "train CPU s",
+              "samples/s", "peak RSS MB"]
     return (f"## Cost per method (budget {top}, mean over languages and seeds)\n\n" + _table(header, body) +
             "\n\nTrain wall time includes loading the towers and computing (or reading cached) image features; "
             "samples/s counts training steps only. Peak RSS is the cell process's peak while training.")

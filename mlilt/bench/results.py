@@ -17,8 +17,8 @@ from mlilt.bench.config import StudyConfig
 METRICS = ("image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
            "text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10", "mean_recall")
 COLUMNS = ("study", "cell_id", "train_lang", "eval_lang", "transfer", "method", "budget", "seed", *METRICS,
-           "trainable_params", "trainable_percent", "pack_bytes", "train_wall_s", "samples_per_s", "peak_rss_mb",
-           "gpu_peak_mb", "best_epoch", "command")
+           "trainable_params", "trainable_percent", "pack_bytes", "train_wall_s", "train_cpu_s", "samples_per_s",
+           "peak_rss_mb", "gpu_peak_mb", "best_epoch", "command")
 
 
 def finished(study: StudyConfig, out: Path):
@@ -41,7 +41,8 @@ def _rows(study: str, result: dict) -> list[dict]:
     base = {"study": study, "cell_id": result["cell_id"], "train_lang": cell["lang"], "method": cell["method"],
             "budget": cell["budget"], "seed": cell["seed"], "trainable_params": result["trainable"]["params"],
             "trainable_percent": result["trainable"]["percent"], "pack_bytes": result["pack_bytes"],
-            "train_wall_s": result["train_wall_s"], "samples_per_s": result["samples_per_s"],
+            "train_wall_s": result["train_wall_s"], "train_cpu_s": result["train_cpu_s"],
+            "samples_per_s": result["samples_per_s"],
             "peak_rss_mb": result["peak_rss_mb"], "gpu_peak_mb": result["gpu_peak_mb"],
             "best_epoch": result["best_epoch"], "command": result["command"]}
     return [base | {"eval_lang": lang, "transfer": lang != cell["lang"]} | {m: ev["metrics"][m] for m in METRICS}
