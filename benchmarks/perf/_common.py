@@ -33,8 +33,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{os.cpu_count()} CPU cores ({model}), torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    return f"{os.cpu_count()} CPU cores ({model}), torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def median(values: list[float]) -> float:

@@ -1,13 +1,13 @@
 """Step time and peak memory of parameter-efficient methods vs full fine-tuning.
 
-    python benchmarks/perf/vs_full.py [--methods ln,ln+adapter,lora] [--steps 12] [--warmup 2]
+    python benchmarks/perf/vs_full.py [--methods ln,ln+adapter,lora] [--pairs 500] [--warmup 2]
 
 Issue 6, target 2: ``ln``, ``ln+adapter`` and ``lora`` steps should take at most 0.5x the
 time of a ``full`` step and at most 0.4x its peak memory. Same towers (the offline pair),
-same demo pairs, batch 32. Each method runs in its own process through mlilt's own training
-step (``mlilt.train._step``: tokenize, forward, loss, backward, clip, AdamW step; images are
-decoded and preprocessed inside the step whenever the image tower trains, else their tower
-features come from the cache). Methods run unanchored (as ``mlilt train --method M``) and,
+same demo pairs, batch 32. Each method runs in its own process: one epoch of
+``mlilt.train.train`` (checkpoints off), each call of its step (``mlilt.train._step``: tokenize,
+forward, loss, backward, clip, AdamW step; images are decoded and preprocessed inside the step
+whenever the image tower trains, else their tower features come from the cache) timed. Methods run unanchored (as ``mlilt train --method M``) and,
 with ``--anchor``, anchored on a pack (``--method M --anchor PACK``: image side frozen).
 
 Memory: the process's resident set once both towers are loaded is the baseline; the peak
@@ -30,40 +30,51 @@ DEFAULT_METHODS = "ln,ln+adapter,lora"
 
 
 def run_method(args) -> dict:
-    """Child: one method, ``--steps`` optimizer steps, step times and memory."""
-    import torch
-
+    """Child: one epoch of ``mlilt.train.train`` with this method; each step timed, memory taken."""
     import mlilt.train as training
-    from mlilt.progress import TrainProgress
     from mlilt.towers.registry import load_image_tower, load_text_tower
     from mlilt.train_config import TrainConfig
 
-    config = TrainConfig(lang="sw", data=args.pairs_file, out=str(Path(args.work) / "unused"), method=args.method,
-                         anchor=args.anchor or None, batch_size=args.batch_size, holdout=2)
-    load_text_tower(config.text_tower, max_length=config.max_length), load_image_tower(config.image_tower)
+    config = TrainConfig(lang="sw", data=args.pairs_file, out=str(Path(tempfile.mkdtemp(dir=args.work)) / "pack"),
+                         method=args.method, anchor=args.anchor or None, epochs=1, batch_size=args.batch_size,
+                         holdout=2, checkpoint_every=0)
+    load_text_tower(config.text_tower, pooling=config.pooling, max_length=config.max_length,
+                    prefix=config.text_prefix)
+    load_image_tower(config.image_tower)  # train() reuses both: they are the baseline
     baseline = rss_mb()
     reset = reset_peak_rss()
-    split, val_split, _ = training._load_data(config)
-    model, report, _ = training._build_model(config)
-    images = training.ImageSource(model.image, config)
+    times, one_off, seen = timed_training(training)
     started = time.perf_counter()
-    images.prepare(split, val_split, TrainProgress(None))
-    one_off = time.perf_counter() - started
-    optimizer = training._optimizer(model, config)
-    params = model.trainable_parameters()
-    order = torch.randperm(len(split.captions), generator=torch.Generator().manual_seed(0)).tolist()
-    batches = training._batches(order, config.batch_size)
-    times, tokens = [], []
-    for batch in (batches * (args.steps // len(batches) + 1))[:args.steps]:
-        tokens.append(model.text.tower.tokenize([split.captions[i] for i in batch])["input_ids"].shape[1])
-        started = time.perf_counter()
-        loss, fault = training._step(model, split, images, batch, params, optimizer, config)
-        times.append(time.perf_counter() - started)
-        if fault:
-            raise RuntimeError(fault)
+    training.train(config)
+    seconds = time.perf_counter() - started
     return {"method": args.method, "anchored": bool(args.anchor), "step_s": times, "baseline_mb": baseline,
-            "peak_mb": peak_rss_mb() if reset else float("nan"), "cached": images.cached, "one_off_s": one_off,
-            "tokens": tokens, "trainable": sum(p.numel() for p in params)}
+            "peak_mb": peak_rss_mb() if reset else float("nan"), "cached": seen["cached"],
+            "one_off_s": sum(one_off), "tokens": seen["tokens"], "trainable": seen["trainable"], "seconds": seconds}
+
+
+def timed_training(training) -> tuple[list[float], list[float], dict]:
+    """Wrap mlilt.train's step and image-feature pass with clocks; what they saw goes in ``seen``."""
+    times: list[float] = []
+    one_off: list[float] = []
+    seen: dict = {"tokens": [], "cached": None, "trainable": 0}
+    step, prepare = training._step, training.ImageSource.prepare
+
+    def timed_step(model, split, sources, batch, params, *rest, **kw):
+        seen["tokens"].append(len(model.text.tower.tokenize([split.captions[i] for i in batch])["input_ids"][0]))
+        seen["trainable"] = sum(p.numel() for p in params)
+        started = time.perf_counter()
+        out = step(model, split, sources, batch, params, *rest, **kw)
+        times.append(time.perf_counter() - started)
+        return out
+
+    def timed_prepare(self, *a, **kw):
+        seen["cached"] = self.cached
+        started = time.perf_counter()
+        prepare(self, *a, **kw)
+        one_off.append(time.perf_counter() - started)
+
+    training._step, training.ImageSource.prepare = timed_step, timed_prepare
+    return times, one_off, seen
 
 
 def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
@@ -73,8 +84,9 @@ def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
     results = []
     for method, anchor in plan:
         child = ["--child", "--work", str(work), "--pairs-file", str(pairs_file), "--method", method,
-                 "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--anchor", anchor]
-        result = run_child(script, child, env={"MLILT_CACHE": str(work / "mlilt_cache")})
+                 "--batch-size", str(args.batch_size), "--anchor", anchor]
+        env = {"MLILT_CACHE": str(work / "mlilt_cache"), "OMP_NUM_THREADS": str(args.threads)}
+        result = run_child(script, child, env=env)
         result["steady_step_s"] = median(steady(result["step_s"], args.warmup))
         result["extra_mb"] = result["peak_mb"] - result["baseline_mb"]
         results.append(result)
@@ -107,9 +119,10 @@ def main() -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="compared against full")
     parser.add_argument("--anchor", default=str(REPO / "langpacks" / "sw"),
                         help="also run the methods anchored on this pack ('' to skip)")
-    parser.add_argument("--pairs", type=int, default=500, help="demo scenes generated (80%% train)")
+    parser.add_argument("--pairs", type=int, default=500,
+                        help="demo scenes generated; 80%% train, one epoch of full batches (500: 12 steps)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -124,7 +137,7 @@ def main() -> None:
     results = measure(__file__, work, pairs_file, args)
     tokens = [t for r in results for t in r["tokens"]]
     print(f"\nmachine: {machine()}")
-    print(f"batch {args.batch_size}, caption tokens per batch (padded to the longest): "
+    print(f"{args.threads} torch thread(s) per run; batch {args.batch_size}, caption tokens per batch (padded to the longest): "
           f"median {median(tokens):.0f}, max {max(tokens)}; median over steps after the first {args.warmup}\n")
     print(report(results, args))
 

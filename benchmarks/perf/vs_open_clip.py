@@ -145,7 +145,7 @@ def run_mlilt(args) -> dict:
     out = Path(tempfile.mkdtemp(dir=args.work, prefix="mlilt_pack_")) / "pack"
     config = TrainConfig(lang="sw", data=args.pairs_file, out=str(out), method=args.method,
                          anchor=args.anchor or None, epochs=1, batch_size=args.batch_size, holdout=args.holdout,
-                         checkpoint_every=10_000)
+                         checkpoint_every=0)
     started = time.perf_counter()
     training.train(config)
     seconds = time.perf_counter() - started
@@ -174,19 +174,26 @@ RUNS = {
 
 
 def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
+    """Each comparison's two runs, ``--repeat`` times in alternating order (A B, B A, ...) so
+    that a slow patch of a shared machine does not land on one side only."""
     common = ["--work", str(work), "--pairs-file", str(pairs_file), "--batch-size", str(args.batch_size),
               "--workers", str(args.workers)]
     env = {"MLILT_CACHE": str(work / "mlilt_cache"), "OMP_NUM_THREADS": str(args.threads)}
-    results = []
+    merged: dict[str, dict] = {}
     for name in args.runs.split(","):
-        for label, extra in RUNS[name]:
-            result = run_child(script, common + [a.format(anchor=args.anchor) for a in extra], env=env)
-            result["label"] = label
-            result["steady_step_s"] = median(steady(result["step_s"], args.warmup))
-            results.append(result)
-            print(f"{label}: {len(result['step_s'])} steps, median {result['steady_step_s']:.3f} s/step, "
-                  f"one-off {result['one_off_s']:.1f} s", flush=True)
-    return results
+        for repeat in range(args.repeat):
+            order = RUNS[name] if repeat % 2 == 0 else RUNS[name][::-1]
+            for label, extra in order:
+                result = run_child(script, common + [a.format(anchor=args.anchor) for a in extra], env=env)
+                kept = steady(result["step_s"], args.warmup)
+                print(f"{label}: {len(result['step_s'])} steps, median {median(kept):.3f} s/step after "
+                      f"{args.warmup}, one-off {result['one_off_s']:.1f} s", flush=True)
+                into = merged.setdefault(label, {"label": label, "steady": [], "step_s": result["step_s"],
+                                                 "one_off_s": result["one_off_s"]})
+                into["steady"] += kept  # one-off and 1-epoch figures: the first (cold-cache) run
+    for result in merged.values():
+        result["steady_step_s"] = median(result["steady"])
+    return list(merged.values())
 
 
 def report(results: list[dict], args) -> str:
@@ -212,6 +219,7 @@ def main() -> None:
     parser.add_argument("--anchor", default=str(REPO / "langpacks" / "sw"))
     parser.add_argument("--runs", default="ln+adapter,full-text", help="comparisons to run: ln+adapter, full-text")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per side, alternating which side goes first")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     # child-process options
     parser.add_argument("--child", choices=["mlilt", "open_clip"], help=argparse.SUPPRESS)
@@ -229,7 +237,7 @@ def main() -> None:
     results = measure(__file__, work, pairs_file, args)
     print(f"\nmachine: {machine()}")
     print(f"pairs: {len(pairs_file.read_text().splitlines())}, batch {args.batch_size}, {args.threads} torch thread(s), "
-          f"median over steps after the first {args.warmup}\n")
+          f"median over steps after the first {args.warmup} of each run, {args.repeat} run(s) per side\n")
     print(report(results, args))
 
 

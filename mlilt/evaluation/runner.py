@@ -2,7 +2,8 @@
 
 Image embeddings are computed once per image side (tower + anchor) for the union of every
 language's gallery — through the on-disk feature cache — and reused for every language and
-every pack on that image side. Text is encoded per language in length-sorted batches.
+every pack on that image side. The captions of all languages a text side is evaluated on are
+encoded in one pass, sorted by token count and padded per batch.
 """
 from __future__ import annotations
 
@@ -66,20 +67,30 @@ def evaluate_sets(text: SideEncoder, space: ImageSpace, sets: list, model_name: 
     """Retrieval metrics of one text side on each RetrievalSet (all share ``space``)."""
     for item in sets:
         space.add(item.images)  # the union first: one image-tower pass for every language
+    captions = _caption_embeddings(text, sets)
     results = []
-    for item in sets:
-        metrics, task = _metrics(text, space, item)
+    for index, item in enumerate(sets):
+        metrics, task = _metrics(text, space, item, captions.get(index))
         results.append(EvalResult(item.benchmark, item.language, model_name, pretrained,
                                   {k: round(v, 4) for k, v in metrics.items()}, dict(item.counts), task))
     return results
 
 
-def _metrics(text: SideEncoder, space: ImageSpace, item) -> tuple[dict, str]:
+def _caption_embeddings(text: SideEncoder, sets: list) -> dict[int, torch.Tensor]:
+    """The captions of every retrieval set in one length-sorted pass (set index -> embeddings):
+    batches then fill across languages and group captions of equal token counts."""
+    from mlilt.evaluation.zeroshot import ZeroShotSet
+
+    chosen = [i for i, item in enumerate(sets) if not isinstance(item, ZeroShotSet)]
+    embedded = encode_texts(text, [caption for i in chosen for caption in sets[i].captions])
+    return dict(zip(chosen, torch.split(embedded, [len(sets[i].captions) for i in chosen])))
+
+
+def _metrics(text: SideEncoder, space: ImageSpace, item, text_emb: torch.Tensor | None) -> tuple[dict, str]:
     from mlilt.evaluation.zeroshot import ZeroShotSet, accuracy, classifier
 
     if isinstance(item, ZeroShotSet):
         return accuracy(space.of(item.images), classifier(text, item), item.labels), "zeroshot_classification"
-    text_emb = encode_texts(text, item.captions)
     return retrieval_metrics(text_emb, space.of(item.images), item.caption_image), "zeroshot_retrieval"
 
 
