@@ -13,7 +13,9 @@ loop prints), so every epoch gets its own memory window.
 
 Memory is the process's resident set from ``/proc/self/status``: the peak of a window is
 ``VmHWM`` after resetting it at the window's start (``/proc/self/clear_refs``, exact), and a
-thread also samples ``VmRSS`` every 50 ms as a cross-check. Linux only.
+thread also samples ``VmRSS`` every 50 ms as a cross-check. Linux only. MB here are MiB.
+CPU seconds of the process are given beside wall seconds: on a shared machine they are the
+steadier figure (and pass ``--threads 1``: oversubscribed torch threads spin at barriers).
 """
 from __future__ import annotations
 
