@@ -25,6 +25,7 @@ class Ranks:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup() started the process group (so teardown() ends it)
 
     @property
     def is_main(self) -> bool:
@@ -99,11 +100,13 @@ def setup() -> Ranks:
         torch.cuda.set_device(device)
     if world <= 1:
         return Ranks(device=device)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()  # a caller may have started it already: then it is theirs
+    if owns_group:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device)
+    return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device,
+                 owns_group=owns_group)
 
 
 def teardown(ranks: Ranks) -> None:
-    if ranks.world > 1 and dist.is_initialized():
+    if ranks.owns_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -87,8 +87,9 @@ class PrefixCache:
         self.limit_bytes = limit_bytes
         self.states: dict[tuple[str, int], torch.Tensor] = {}
         self.bytes = 0
-        self.full = False  # reached the limit
+        self.full = False  # reached the limit, or turned off by the self-check
         self.checked = False
+        self.problem: str | None = None  # why the self-check turned the cache off
 
     @property
     def layers(self):
@@ -142,6 +143,8 @@ class PrefixCache:
         if not torch.allclose(split, whole, atol=SELF_CHECK_TOLERANCE * float(scale), rtol=0):
             self.states.clear()
             self.bytes, self.full = 0, True
+            self.problem = (f"off: the split forward differs from the whole tower by "
+                            f"{float((split - whole).abs().max()):.2g}; every step runs the whole tower")
 
     def _padded(self, states: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded [B, S, width] states and their attention mask, S the longest here."""
@@ -154,6 +157,8 @@ class PrefixCache:
         return hidden.to(device), attention_mask.to(device)
 
     def describe(self) -> str:
+        if self.problem:
+            return f"text prefix cache: {self.problem}"
         state = "limit reached: later captions run the whole tower" if self.full else "within the limit"
         return (f"text prefix cache: blocks below {self.cut} of {len(self.layers)} cached for {len(self.states)} "
                 f"captions, {self.bytes / 2**20:.1f} MiB ({state}; limit {self.limit_bytes / 2**20:.0f} MiB)")

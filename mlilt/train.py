@@ -68,6 +68,7 @@ class TrainResult:
     metrics: dict
     report: MethodReport
     history: list[dict] = field(default_factory=list)
+    written: bool = True  # this process wrote the pack (under torchrun only rank 0 does)
 
 
 def train(config: TrainConfig, console=None) -> TrainResult:
@@ -99,7 +100,7 @@ def _train(config: TrainConfig, console, ranks: Ranks) -> TrainResult:
         (pack / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in state.history))
         remove_checkpoint(checkpoint_dir(config.out))  # the pack is complete: nothing left to resume
     ranks.barrier()  # the other ranks return once the pack exists
-    return TrainResult(pack, best["val"], report, state.history)
+    return TrainResult(pack, best["val"], report, state.history, written=ranks.is_main)
 
 
 def _check_out(config: TrainConfig) -> None:

@@ -117,8 +117,9 @@ def test_two_processes_train_the_one_process_pack(tiny_vit_towers, data, tmp_pat
     one = train(TrainConfig(**settings)).pack
     monkeypatch.setenv("MLILT_CACHE", str(tmp_path / "fresh-cache"))  # the 2-process run fills its own
     two = tmp_path / "two"
-    _torchrun(tmp_path, _settings(data, two, method=method), env={"SEPARATE_OUT": "1"})
+    output = _torchrun(tmp_path, _settings(data, two, method=method), env={"SEPARATE_OUT": "1"})
     _assert_same_run(one, two)
+    assert output.count("pack written") == 1  # only rank 0 reports
     assert not (tmp_path / "two.rank1").exists() and not checkpoint_dir(tmp_path / "two.rank1").exists()
     assert not checkpoint_dir(two).exists()  # rank 0 removed it once the pack was written
 

@@ -77,6 +77,8 @@ def train_command(
                          leak_threshold=leak_threshold, checkpoint_every=checkpoint_every, resume=resume,
                          skip_nonfinite=skip_nonfinite, cache_text=not no_cache_text, text_cache_mb=text_cache_mb)
     result = train(config, console=console)
+    if not result.written:  # another process (rank 0 under torchrun) reports
+        return
     print_report(result.report)
     val = result.metrics
     console.print(f"[green]pack written:[/] {result.pack}  (val mean recall {val['mean_recall']:.1f}, "
