@@ -265,6 +265,7 @@ def evaluate_table(root: Path, captions: int, per_image: int) -> None:
     data = subset(train_file, images) if per_image == 1 else with_second_captions(train_file, images)
     pack = root / "pack_eval"
     train_tiny(subset(train_file, 2_000), pack, 1, 200)
+    before = proc_mb("VmRSS")
     windows = MemoryWindows()
     started = time.perf_counter()
     [result] = evaluate("custom", [str(pack)], data=str(data), langs=["sw"])
@@ -272,10 +273,12 @@ def evaluate_table(root: Path, captions: int, per_image: int) -> None:
     windows.mark("evaluate")
     windows.close()
     row = windows.rows["evaluate"]
-    print("\n| captions x images | seconds | peak RSS (VmHWM) | max sampled RSS | RSS at end | mean recall |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {captions:,} x {images:,} | {seconds:.0f} | {row['peak']:,.0f} MB | {row['sampled']:,.0f} MB "
-          f"| {row['end']:,.0f} MB | {result.metrics['mean_recall']:.2f} |", flush=True)
+    print("\n| captions x images | seconds | RSS before | peak RSS (VmHWM) | peak extra | max sampled RSS "
+          "| RSS at end | mean recall |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {captions:,} x {images:,} | {seconds:.0f} | {before:,.0f} MB | {row['peak']:,.0f} MB "
+          f"| {row['peak'] - before:+,.0f} MB | {row['sampled']:,.0f} MB | {row['end']:,.0f} MB "
+          f"| {result.metrics['mean_recall']:.2f} |", flush=True)
 
 
 def main() -> None:
