@@ -1,6 +1,7 @@
 """Step time and peak memory of parameter-efficient methods vs full fine-tuning.
 
-    python benchmarks/perf/vs_full.py [--methods ln,ln+adapter,lora] [--pairs 500] [--warmup 2]
+    python benchmarks/perf/vs_full.py [--methods ln,ln+adapter,lora] [--anchored-methods ln,ln+adapter,lora]
+                                      [--pairs 500] [--warmup 2]
 
 Issue 6, target 2: ``ln``, ``ln+adapter`` and ``lora`` steps should take at most 0.5x the
 time of a ``full`` step and at most 0.4x its peak memory. Same towers (the offline pair),
@@ -80,7 +81,7 @@ def timed_training(training) -> tuple[list[float], list[float], dict]:
 def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
     plan = [("full", "")] + [(m, "") for m in args.methods.split(",")]
     if args.anchor:
-        plan += [(m, args.anchor) for m in args.methods.split(",")]
+        plan += [(m, args.anchor) for m in args.anchored_methods.split(",") if m]
     results = []
     for method, anchor in plan:
         child = ["--child", "--work", str(work), "--pairs-file", str(pairs_file), "--method", method,
@@ -118,7 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="compared against full")
     parser.add_argument("--anchor", default=str(REPO / "langpacks" / "sw"),
-                        help="also run the methods anchored on this pack ('' to skip)")
+                        help="also run --anchored-methods anchored on this pack ('' to skip)")
+    parser.add_argument("--anchored-methods", default=DEFAULT_METHODS)
     parser.add_argument("--pairs", type=int, default=500,
                         help="demo scenes generated; 80%% train, one epoch of full batches (500: 12 steps)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import re
 import shutil
 import sys
@@ -92,7 +93,7 @@ def open_clip_checkpoint(configs: Path, out: Path) -> Path:
 def run_open_clip(args) -> dict:
     """Child: open_clip_train.main in this process; samples/s per step from its log."""
     import open_clip
-    from open_clip_train.main import main
+    import open_clip_train.main as trainer
 
     work = Path(args.work)
     open_clip.add_model_config(work / "open_clip_configs")
@@ -108,14 +109,30 @@ def run_open_clip(args) -> dict:
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
             "--log-every-n-steps", "1", "--image-mean", "0.5", "0.5", "0.5",
             "--image-std", "0.5", "0.5", "0.5", "--logs", str(logs), "--name", "run", *locks]
+    cpu: list[float] = []
+    epoch = trainer.train_one_epoch
+
+    def timed_epoch(*a, **k):
+        before = cpu_seconds()
+        out = epoch(*a, **k)
+        cpu.append(cpu_seconds() - before)  # the DataLoader workers have exited by now
+        return out
+
+    trainer.train_one_epoch = timed_epoch
     started = time.perf_counter()
-    main(argv)
+    trainer.main(argv)
     seconds = time.perf_counter() - started
     log = (logs / "run" / "out.log").read_text()
     shutil.rmtree(logs, ignore_errors=True)  # its final checkpoint is large and not needed
     per_step = [args.batch_size / float(rate) for rate in OPEN_CLIP_STEP.findall(log)]
     return {"side": "open_clip", "argv": " ".join(argv), "step_s": per_step, "seconds": seconds,
-            "one_off_s": 0.0}
+            "one_off_s": 0.0, "cpu_per_step": sum(cpu) / max(1, len(per_step))}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (DataLoader workers)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 # --------------------------------------------------------------------------- mlilt side
@@ -127,13 +144,15 @@ def run_mlilt(args) -> dict:
     from mlilt.train_config import TrainConfig
 
     spans: list[tuple[float, float]] = []
+    cpu: list[float] = []
     one_off: list[float] = []
     step, prepare = training._step, training.ImageSource.prepare
 
     def timed_step(*a, **k):
-        started = time.perf_counter()
+        started, before = time.perf_counter(), cpu_seconds()
         out = step(*a, **k)
         spans.append((started, time.perf_counter()))
+        cpu.append(cpu_seconds() - before)
         return out
 
     def timed_prepare(self, *a, **k):
@@ -151,7 +170,7 @@ def run_mlilt(args) -> dict:
     seconds = time.perf_counter() - started
     shutil.rmtree(out.parent, ignore_errors=True)
     return {"side": "mlilt", "config": config.to_dict(), "step_s": step_times(spans), "seconds": seconds,
-            "one_off_s": sum(one_off)}
+            "one_off_s": sum(one_off), "cpu_per_step": sum(cpu) / max(1, len(cpu))}
 
 
 def step_times(spans: list[tuple[float, float]]) -> list[float]:
@@ -189,8 +208,9 @@ def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
                 print(f"{label}: {len(result['step_s'])} steps, median {median(kept):.3f} s/step after "
                       f"{args.warmup}, one-off {result['one_off_s']:.1f} s", flush=True)
                 into = merged.setdefault(label, {"label": label, "steady": [], "step_s": result["step_s"],
-                                                 "one_off_s": result["one_off_s"]})
+                                                 "one_off_s": result["one_off_s"], "cpu": []})
                 into["steady"] += kept  # one-off and 1-epoch figures: the first (cold-cache) run
+                into["cpu"].append(result["cpu_per_step"])
     for result in merged.values():
         result["steady_step_s"] = median(result["steady"])
     return list(merged.values())
@@ -202,11 +222,14 @@ def report(results: list[dict], args) -> str:
         for r in (ours, theirs):
             r["rate"] = args.batch_size / r["steady_step_s"]
             r["epoch_rate"] = args.batch_size * len(r["step_s"]) / (sum(r["step_s"]) + r["one_off_s"])
-        rows.append([ours["label"], f"{ours['rate']:.1f}", f"{ours['epoch_rate']:.1f}", f"{ours['one_off_s']:.1f}",
-                     theirs["label"], f"{theirs['rate']:.1f}", f"{theirs['epoch_rate']:.1f}",
-                     f"**{ours['rate'] / theirs['rate']:.2f}×**", f"{ours['epoch_rate'] / theirs['epoch_rate']:.2f}×"])
+        ours_cpu, theirs_cpu = median(ours["cpu"]), median(theirs["cpu"])
+        rows.append([ours["label"], f"{ours['rate']:.2f}", f"{ours['epoch_rate']:.2f}", f"{ours['one_off_s']:.0f}",
+                     f"{ours_cpu:.1f}", theirs["label"], f"{theirs['rate']:.2f}", f"{theirs['epoch_rate']:.2f}",
+                     f"{theirs_cpu:.1f}", f"**{ours['rate'] / theirs['rate']:.2f}×**",
+                     f"{ours['epoch_rate'] / theirs['epoch_rate']:.2f}×", f"**{theirs_cpu / ours_cpu:.2f}×**"])
     header = ["mlilt run", "samples/s (steady)", "samples/s (1 epoch incl. one-off)", "one-off feature pass s",
-              "open_clip run", "samples/s (steady)", "samples/s (1 epoch)", "ratio steady", "ratio 1 epoch"]
+              "CPU s/step", "open_clip run", "samples/s (steady)", "samples/s (1 epoch)", "CPU s/step",
+              "ratio steady", "ratio 1 epoch", "ratio CPU/step"]
     return table(header, rows)
 
 
