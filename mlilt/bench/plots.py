@@ -47,6 +47,8 @@ def _recall_vs_budget(study: StudyConfig, rows: list[dict]):
                 ax.errorbar([b for b, _ in points], [s.mean for _, s in points],
                             yerr=[s.std or 0.0 for _, s in points], marker="o", capsize=3, label=method)
         ax.set_xscale("log")
+        ax.set_xticks(sorted(study.budgets), [f"{b:,}" for b in sorted(study.budgets)])
+        ax.minorticks_off()  # log-scale minor labels crowd a few budgets
         ax.set_title(lang)
         ax.set_xlabel("training pairs")
         ax.grid(alpha=0.3)
