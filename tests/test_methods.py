@@ -396,3 +396,20 @@ def test_copies_share_frozen_storage_only(base_towers, method):
     name = "model.embeddings.word_embeddings.weight"
     weights = [dict(s["text"].tower.named_parameters())[name] for s in (first, second)]
     assert weights[0].data_ptr() == weights[1].data_ptr() == dict(towers["text"].named_parameters())[name].data_ptr()
+
+
+def test_a_side_on_one_part_only_is_pointed_out():
+    """'ln+adapter@text' trains the image tower's norms too: the report says so and how to write
+    the text-only spec; specs that say what they mean get no note."""
+    from mlilt.methods import apply_methods
+    from tiny_towers import tiny_text_tower, tiny_timm_vit
+
+    def notes(spec, frozen=()):
+        towers = {"text": tiny_text_tower().share_frozen_clone(), "image": tiny_timm_vit().share_frozen_clone()}
+        return apply_methods(spec, towers, frozen_sides=frozen).notes
+
+    assert notes("ln+adapter@text") == ["'@text' restricts only the part it is attached to: ln also acts on the "
+                                        "image tower; for the text tower only, write ln@text+adapter@text"]
+    assert notes("ln@text+adapter@text") == []
+    assert notes("ln+adapter") == []
+    assert notes("ln+adapter@text", frozen=("image",)) == []  # anchored: the image side is frozen anyway

@@ -59,12 +59,29 @@ def apply_methods(spec: str, towers: dict[str, Tower], frozen_sides: tuple[str, 
     nothing on a side it was explicitly asked for.
     """
     report = MethodReport(spec)
-    for part in parse_method(spec):
+    parts = parse_method(spec)
+    for part in parts:
         _apply_part(part, towers, frozen_sides, report, strict)
+    report.notes += _mixed_side_notes(parts, towers, frozen_sides)
     for side, tower in towers.items():
         report.total[side] = sum(p.numel() for p in tower.parameters())
         report.trainable[side] = sum(p.numel() for p in tower.parameters() if p.requires_grad)
     return report
+
+
+def _mixed_side_notes(parts: list[MethodPart], towers: dict, frozen_sides) -> list[str]:
+    """``ln+adapter@text`` reads like "both on text" but ``@`` binds to one part: say so."""
+    named = {part.side for part in parts if part.side}
+    if len(named) != 1:
+        return []
+    side = named.pop()
+    others = {s for s in towers if s != side and s not in frozen_sides}
+    unsided = [part for part in parts if not part.side and others & set(METHODS[part.name].sides)]
+    if not unsided:
+        return []
+    meant = "+".join(str(part) if part.side else f"{part}@{side}" for part in parts)
+    return [f"'@{side}' restricts only the part it is attached to: {', '.join(map(str, unsided))} also acts on "
+            f"the {'/'.join(sorted(others))} tower; for the {side} tower only, write {meant}"]
 
 
 def _apply_part(part: MethodPart, towers: dict[str, Tower], frozen_sides, report: MethodReport,
