@@ -25,15 +25,16 @@ def encode_texts(encoder: SideEncoder, texts: list[str], batch_size: int = 64) -
     """Normalised embeddings [N, D] in the input order."""
     out = torch.empty(len(texts), encoder.proj.out_features)
     tower = encoder.tower
+    device = encoder.proj.weight.device  # the encoder may sit on a GPU; embeddings come back to the CPU
     ids = _token_ids(tower, texts)
     if ids is None:  # a tower that only tokenizes padded batches: sort by characters
         for batch in length_sorted_batches(texts, batch_size):
             tokens = tower.tokenize([texts[i] for i in batch])
-            out[batch] = encoder(tokens["input_ids"], tokens["attention_mask"]).float()
+            out[batch] = encoder(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu()
         return out
     for batch in length_sorted_batches(texts, batch_size, [len(row) for row in ids]):
         input_ids, attention_mask = pad_batch([ids[i] for i in batch], tower.tokenizer)
-        out[batch] = encoder(input_ids, attention_mask).float()
+        out[batch] = encoder(input_ids.to(device), attention_mask.to(device)).float().cpu()
     return out
 
 

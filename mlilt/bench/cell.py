@@ -137,6 +137,8 @@ def _trainable_summary(towers: dict) -> dict:
 
 def _evaluate(study: StudyConfig, out: Path, cell: Cell, pack_path: str) -> dict:
     """Retrieval of the cell's pack on its own language and the transfer languages, and its time."""
+    import torch
+
     from mlilt.api import image_side_of, text_side_of
     from mlilt.evaluation.evaluate import benchmark_sets
     from mlilt.evaluation.runner import ImageSpace, evaluate_sets
@@ -148,9 +150,10 @@ def _evaluate(study: StudyConfig, out: Path, cell: Cell, pack_path: str) -> dict
     sets = benchmark_sets(spec.benchmark, str(Path(root).expanduser()) if root else None, langs, spec.captions,
                           spec.data)
     pack = read_pack(pack_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # embeddings come back to the CPU for retrieval
     started = time.perf_counter()
-    results = evaluate_sets(text_side_of(pack), ImageSpace(image_side_of(pack)), [sets[lang] for lang in langs],
-                            pack.path.name, pack_path)
+    results = evaluate_sets(text_side_of(pack).to(device), ImageSpace(image_side_of(pack).to(device)),
+                            [sets[lang] for lang in langs], pack.path.name, pack_path)
     return {"eval": {r.language: {"benchmark": r.benchmark, "metrics": r.metrics, "counts": r.counts}
                      for r in results}, "eval_s": round(time.perf_counter() - started, 2)}
 

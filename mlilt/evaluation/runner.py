@@ -56,7 +56,7 @@ class ImageSpace:
             return
         features = tower_features(self.image.tower, list(todo.values()), cache=self.cache)
         with torch.no_grad():
-            projected = self.image.project(features)
+            projected = self.image.project(features.to(self.image.proj.weight.device)).float().cpu()
         self.embeddings.update(zip(todo, projected))
 
     def of(self, images: list) -> torch.Tensor:
