@@ -164,10 +164,9 @@ class TextSource:
         tokens = self.encoder.tower.tokenize(captions)
         return self.encoder(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
 
-    def describe(self) -> str:
-        if self.cache is None:
-            return "text prefix cache: off (something below the top text blocks trains, or --no-cache-text)"
-        return self.cache.describe()
+    def describe(self) -> str | None:
+        """What the prefix cache holds; None when the method cannot use one (nothing to report)."""
+        return self.cache.describe() if self.cache is not None else None
 
 
 class ImageSource:
@@ -233,7 +232,7 @@ def _fit(model, train_split, val_split, sources, config: TrainConfig, progress, 
             _epoch(model, train_split, sources, (optimizer, schedule, generator), config, state,
                    (checkpoint, check), advance, ranks)
             progress.log_epoch(state.history[-1])
-            if first and progress.console is not None:
+            if first and progress.console is not None and sources[0].describe():
                 progress.console.print(sources[0].describe())  # its memory, once the first epoch filled it
             first = False
     return state
