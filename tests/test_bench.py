@@ -185,6 +185,14 @@ def test_budget_larger_than_the_data_is_refused_before_training(study, tmp_path)
     assert not (tmp_path / "out" / "cells").exists()
 
 
+def _default_sigint() -> None:
+    """A job started in the background by a non-interactive shell (CI) inherits SIGINT ignored;
+    Ctrl-C at a terminal is what this test plays, so the study starts with the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupt_keeps_finished_cells_and_a_rerun_finishes_the_rest(study, tmp_path):
     """Ctrl-C (SIGINT to the process group) mid-study: finished cells stay, whole and valid;
     nothing more is launched; the next run does only what is missing."""
@@ -195,7 +203,7 @@ def test_interrupt_keeps_finished_cells_and_a_rerun_finishes_the_rest(study, tmp
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen([sys.executable, "-m", "mlilt", "bench", "--config", str(study["config"]),
                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env, start_new_session=True)
+                               env=env, start_new_session=True, preexec_fn=_default_sigint)
     deadline = time.time() + 300
     while not list((out / "cells").glob("*.json")) and time.time() < deadline:
         time.sleep(0.2)
