@@ -2,6 +2,7 @@
 built here and HTTP is served from 127.0.0.1."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -234,10 +235,9 @@ def test_download_lists_what_could_not_be_fetched(tmp_path, monkeypatch):
     assert "could not be fetched" in report.summary() and not (tmp_path / "xm3600").exists()
 
 
-def test_download_xm3600_end_to_end_from_local_server(tmp_path, monkeypatch):
-    files = {"captions.zip": _captions_zip(tmp_path / "c.zip").read_bytes(),
-             "images.tgz": _images_tgz(tmp_path / "i.tgz", [f"{k}.jpg" for k in KEYS]).read_bytes()}
-
+@contextlib.contextmanager
+def _serving(files: dict[str, bytes]):
+    """Serve ``files`` (name -> bytes) on a local port; yield the base URL."""
     class Files(_Handler):
         def do_GET(self):  # noqa: N802
             type(self).payload = files[self.path.strip("/")]
@@ -247,14 +247,21 @@ def test_download_xm3600_end_to_end_from_local_server(tmp_path, monkeypatch):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Files)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        base = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_download_xm3600_end_to_end_from_local_server(tmp_path, monkeypatch):
+    files = {"captions.zip": _captions_zip(tmp_path / "c.zip").read_bytes(),
+             "images.tgz": _images_tgz(tmp_path / "i.tgz", [f"{k}.jpg" for k in KEYS]).read_bytes()}
+
+    with _serving(files) as base:
         monkeypatch.setitem(dl.SOURCES, "xm3600", {name: base + name for name in files})
         monkeypatch.setattr(dl, "XM3600_IMAGES", 3)
         calls = []
         report = dl.download_xm3600(tmp_path / "root", lambda *a: calls.append(a))
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert report.found_images == 3 and not report.missing_images and not report.errors
     assert {label for label, _, _ in calls} == set(files)
     assert (tmp_path / "root" / ".downloads" / "xm3600" / "images.tgz").is_file()
@@ -306,16 +313,7 @@ def test_download_xtd10_fetches_captions_and_lists_missing_images(tmp_path, monk
     files.update({f"test_1kcaptions_{lang}.txt": f"{lang} one\n{lang} two\n".encode()
                   for lang in dl.XTD10_LANGUAGES})
 
-    class Files(_Handler):
-        def do_GET(self):  # noqa: N802
-            type(self).payload = files[self.path.strip("/")]
-            super().do_GET()
-
-    Files.ranges = []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Files)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    with _serving(files) as base:
         monkeypatch.setitem(dl.SOURCES, "xtd10", {name: base + name for name in files})
         root = tmp_path / "root"
         report = dl.download_xtd10(root)
@@ -324,9 +322,6 @@ def test_download_xtd10_fetches_captions_and_lists_missing_images(tmp_path, monk
         (root / "xtd10" / "images" / names[0]).write_bytes(_jpeg())
         (root / "xtd10" / "images" / names[1]).write_bytes(_jpeg())
         again = dl.download_xtd10(root)  # re-run: user images kept, caption files rewritten
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert again.found_images == 2 and not again.missing_images
     with warnings.catch_warnings():
         warnings.simplefilter("error")
