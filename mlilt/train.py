@@ -232,8 +232,9 @@ def _fit(model, train_split, val_split, sources, config: TrainConfig, progress, 
             _epoch(model, train_split, sources, (optimizer, schedule, generator), config, state,
                    (checkpoint, check), advance, ranks)
             progress.log_epoch(state.history[-1])
-            if first and progress.console is not None and sources[0].describe():
-                progress.console.print(sources[0].describe())  # its memory, once the first epoch filled it
+            cache_line = sources[0].describe() if first else None  # its memory, once the first epoch filled it
+            if cache_line and progress.console is not None:
+                progress.console.print(cache_line)
             first = False
     return state
 

@@ -31,6 +31,16 @@ def result_path(out: Path, cell: Cell) -> Path:
     return cells_dir(out) / f"{cell.id}.json"
 
 
+def current_result(study: StudyConfig, out: Path, cell: Cell) -> dict | None:
+    """The cell's result if it was written by this format for the current config, else None."""
+    try:
+        result = json.loads(result_path(out, cell).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    current = result.get("version") == RESULT_VERSION and result.get("cell_hash") == study.cell_hash(cell)
+    return result if current else None
+
+
 def demo_root(out: Path) -> Path:
     return out / "data"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mlilt import atomic
 from mlilt.bench.config import StudyConfig
-from mlilt.bench.results import Stat, group, load_rows, own_language, rows_csv
+from mlilt.bench.results import Stat, group, load_histories, load_rows, own_language, rows_csv, stat
 
 MR = "mean_recall"
 
@@ -181,8 +181,6 @@ def _retention_verdict(study: StudyConfig, retention: dict[str, list[float]]) ->
 
 def _time_section(study: StudyConfig, out: Path, rows: list[dict]) -> str:
     """Best held-out recall each method reached within the time the fastest method needed."""
-    from mlilt.bench.results import load_histories
-
     top = max(study.budgets)
     histories = load_histories(study, out, budget=top)
     if not histories:
@@ -205,8 +203,6 @@ def _time_section(study: StudyConfig, out: Path, rows: list[dict]) -> str:
 
 
 def _finish_stat(finish: dict, method: str) -> Stat:
-    from mlilt.bench.results import stat
-
     return stat([s for (m, _l, _s), s in finish.items() if m == method])
 
 

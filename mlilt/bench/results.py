@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlilt.bench.cell import result_path
+from mlilt.bench.cell import current_result
 from mlilt.bench.config import StudyConfig
 
 METRICS = ("image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
@@ -24,11 +23,8 @@ COLUMNS = ("study", "cell_id", "train_lang", "eval_lang", "transfer", "method", 
 def finished(study: StudyConfig, out: Path):
     """(cell, result) of every cell whose result matches the current config; stale ones are ignored."""
     for cell in study.cells():
-        try:
-            result = json.loads(result_path(out, cell).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if result.get("cell_hash") == study.cell_hash(cell):
+        result = current_result(study, out, cell)
+        if result is not None:
             yield cell, result
 
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlilt.bench.cell import RESULT_VERSION, demo_root, result_path
+from mlilt.bench.cell import current_result, demo_root
 from mlilt.bench.config import Cell, StudyConfig
 from mlilt.errors import DataError, UsageError
 
@@ -67,12 +67,7 @@ def check_budgets(study: StudyConfig, out: Path) -> None:
 
 
 def is_done(study: StudyConfig, out: Path, cell: Cell) -> bool:
-    path = result_path(out, cell)
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return result.get("version") == RESULT_VERSION and result.get("cell_hash") == study.cell_hash(cell)
+    return current_result(study, out, cell) is not None
 
 
 def run_study(study: StudyConfig, out: Path, jobs: int = 1, force: bool = False, log=print) -> StudyRun:
@@ -105,7 +100,7 @@ def run_study(study: StudyConfig, out: Path, jobs: int = 1, force: bool = False,
             log(f"  interrupted {cell.id}: finished cells are kept; rerun to continue")
         elif code == 0:
             run.ran.append(cell.id)
-            log(f"  done   {cell.id}  {_headline(out, cell)}")
+            log(f"  done   {cell.id}  {_headline(current_result(study, out, cell), cell)}")
         else:
             run.failed[cell.id] = str(log_file)
             log(f"  FAILED {cell.id} (exit {code}); see {log_file}")
@@ -150,8 +145,7 @@ def _visible_gpus(env: dict) -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _headline(out: Path, cell: Cell) -> str:
-    result = json.loads(result_path(out, cell).read_text(encoding="utf-8"))
+def _headline(result: dict, cell: Cell) -> str:
     own = result["eval"][cell.lang]["metrics"]
     return (f"mean recall {own['mean_recall']:.1f}, {result['trainable']['percent']:.3f}% trainable, "
             f"{result['train_wall_s']:.0f} s")
