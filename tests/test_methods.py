@@ -22,14 +22,14 @@ from torch import nn
 
 from mlilt.build import build_sides
 from mlilt.errors import UsageError
-from mlilt.methods import METHODS, parse_method
+from mlilt.methods import CATALOG, METHODS, parse_method
 from mlilt.model import ContrastiveModel, contrastive_loss
 from tiny_towers import IMAGE_TOWERS, WORDS, tiny_text_tower
 
 EMBED_DIM = 16
 BATCH = 6
 STEPS = 3
-COMPOSITES = ["ln+adapter", "lora:4", "unlock:1", "adapter:8"]
+COMPOSITES = ["ln+adapter", "lora:4", "unlock:1", "adapter:8", "ln+adapter+top:1", "bitfit+lora+top:1"]
 ALL_METHODS = list(METHODS) + COMPOSITES
 TRANSFORMER_BLOCKS = 2  # every tiny transformer tower has two blocks
 
@@ -85,7 +85,16 @@ def _assert_base_untouched(tower: nn.Module, snapshot: dict[str, torch.Tensor]) 
 
 
 def _parts(method: str) -> list[str]:
-    return [part.name for part in parse_method(method)]
+    return [part.name for part in parse_method(method) if part.name in METHODS]
+
+
+def _top_blocks(method: str) -> int | None:
+    return next((part.arg for part in parse_method(method) if part.name == "top"), None)
+
+
+def _in_last_block(kind: str, name: str) -> bool:
+    """In the last block or after it: what ``unlock:1`` trains, and where ``top:1`` lets methods act."""
+    return any(name.startswith(p) if p.endswith(".") else name == p for p in UNLOCK_1[kind])
 
 
 def _norm_params(tower: nn.Module) -> set[str]:
@@ -112,10 +121,11 @@ def _expected_trainable(kind: str, side: str, tower: nn.Module, method: str) -> 
         elif part == "lora":
             expected |= {n for n in names if re.search(r"\.lora_[AB]$", n)}
         elif part == "unlock":
-            prefixes = UNLOCK_1[kind]
-            expected |= {n for n in names if any(n.startswith(p) if p.endswith(".") else n == p for p in prefixes)}
+            expected |= {n for n in names if _in_last_block(kind, n)}
         elif part in ("full", "full-text"):
             expected |= names
+    if _top_blocks(method) == 1:
+        expected = {n for n in expected if _in_last_block(kind, n)}
     return expected
 
 
@@ -131,6 +141,7 @@ def _check_structure(kind: str, side: str, tower: nn.Module, method: str, report
     loras = [name for name, module in tower.named_modules() if hasattr(module, "lora_A")]
     by_name = {part.name: part for part in parts}
     transformer = kind != "timm-cnn"
+    blocks = _top_blocks(method) or TRANSFORMER_BLOCKS  # blocks the methods may act in
 
     if "ln" in by_name:
         norms = {n.rpartition(".")[0] for n in _norm_params(tower)}
@@ -140,7 +151,7 @@ def _check_structure(kind: str, side: str, tower: nn.Module, method: str, report
     if "adapter" in by_name:
         reduction = by_name["adapter"].arg or METHODS["adapter"].default_arg
         if transformer:
-            assert len(adapters) == 2 * TRANSFORMER_BLOCKS, adapters
+            assert len(adapters) == 2 * blocks, adapters
             for name in adapters:
                 adapter = tower.get_submodule(name)
                 assert adapter.down.out_features == adapter.down.in_features // reduction
@@ -153,7 +164,7 @@ def _check_structure(kind: str, side: str, tower: nn.Module, method: str, report
         assert adapters == []
     if "lora" in by_name:
         rank = by_name["lora"].arg or METHODS["lora"].default_arg
-        assert len(loras) == LORA_TARGETS[kind], loras
+        assert len(loras) == LORA_TARGETS[kind] * blocks // TRANSFORMER_BLOCKS, loras
         assert all(tower.get_submodule(n).lora_A.shape[0] == rank for n in loras)
         if not loras:
             assert any("lora" in note and side in note for note in report.notes), report.notes
@@ -161,7 +172,7 @@ def _check_structure(kind: str, side: str, tower: nn.Module, method: str, report
         assert loras == []
     rows = [row for row in report.rows if row.side == side]
     for part in parts:
-        if side in METHODS[part.name].sides:
+        if side in CATALOG[part.name].sides:
             assert any(row.part == str(part) for row in rows), f"no report row for {part} on {side}"
 
 
@@ -319,9 +330,30 @@ def test_method_that_finds_nothing_anywhere_raises(base_towers, method):
         build_sides({"image": base_towers["timm-cnn"][0]}, method, EMBED_DIM)
 
 
-def test_unlock_more_blocks_than_the_tower_has(base_towers):
+@pytest.mark.parametrize("method", ["unlock:3", "ln+top:3"])
+def test_more_blocks_than_the_tower_has(base_towers, method):
     with pytest.raises(UsageError, match="only 2 blocks"):
-        build_sides({"text": base_towers["text"][0]}, "unlock:3", EMBED_DIM)
+        build_sides({"text": base_towers["text"][0]}, method, EMBED_DIM)
+
+
+@pytest.mark.parametrize("method, words", [
+    ("top:1", "cannot be combined with nothing"),
+    ("unlock:1+top:1", "cannot be combined with unlock"),
+    ("full-text+top:1", "cannot be combined with full-text"),
+    ("ln+top:1+top:1@text", "the text tower is given two top limits"),
+])
+def test_top_limits_only_methods_that_act_per_block(base_towers, method, words):
+    with pytest.raises(UsageError, match=re.escape(words)):
+        build_sides({"text": base_towers["text"][0], "image": base_towers["timm-vit"][0]}, method, EMBED_DIM)
+
+
+def test_top_on_a_frozen_side(base_towers):
+    towers = {"text": base_towers["text"][0], "image": base_towers["timm-vit"][0]}
+    with pytest.raises(UsageError, match="image side is frozen"):
+        build_sides(towers, "ln+top:1@image", EMBED_DIM, frozen_sides=("image",))
+    sides, report = build_sides(towers, "ln+adapter+top:1", EMBED_DIM, frozen_sides=("image",))  # anchored
+    assert report.trainable["image"] == 0
+    assert {row.side for row in report.rows} == {"text"}
 
 
 @pytest.mark.parametrize("method", ["ln@image", "adapter@image", "ln+lora@image", "full@image"])
@@ -413,3 +445,7 @@ def test_a_side_on_one_part_only_is_pointed_out():
     assert notes("ln@text+adapter@text") == []
     assert notes("ln+adapter") == []
     assert notes("ln+adapter@text", frozen=("image",)) == []  # anchored: the image side is frozen anyway
+    assert notes("ln+adapter+top:1@text") == ["'@text' restricts only the part it is attached to: ln, adapter also "
+                                              "act on the image tower; for the text tower only, write "
+                                              "ln@text+adapter@text+top:1@text"]
+    assert notes("ln@text+top:1") == []  # top alone does nothing to the image tower

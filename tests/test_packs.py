@@ -188,7 +188,7 @@ def test_trained_pack_round_trip_is_exact(sw, images):
     assert loaded.logit_scale == pytest.approx(float(model.scale().detach()), rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ln+adapter", "lora:4", "adapter:8+bitfit@text"])
+@pytest.mark.parametrize("method", ["ln+adapter", "lora:4", "adapter:8+bitfit@text", "ln+adapter+top:1"])
 def test_random_method_tensors_round_trip(towers, tmp_path, images, method):
     """Adapters and LoRA start as the identity; with random values a load that ignored them
     (or put them in the wrong place) gives other embeddings."""

@@ -36,7 +36,8 @@ def _text_side(towers, method):
 
 @pytest.mark.parametrize("method, cut", [("unlock:1", 1), ("unlock:1@text", 1), ("head", 2), ("unlock:2", None),
                                          ("ln", None), ("ln@text+unlock:1", None), ("lora", None),
-                                         ("adapter", None), ("full-text", None), ("bitfit@text", None)])
+                                         ("adapter", None), ("full-text", None), ("bitfit@text", None),
+                                         ("ln+adapter+top:1", 1), ("bitfit+lora+top:1@text", 1), ("ln+top:2", None)])
 def test_cut_is_the_lowest_trainable_block_and_nothing_below_trains(tiny_vit_towers, method, cut):
     # ln trains the embeddings' LayerNorm; bitfit their biases: nothing may be cached then.
     assert cut_point(_text_side(tiny_vit_towers, method)) == cut
@@ -86,7 +87,7 @@ def _train(data, out, console=None, **overrides):
     return train(TrainConfig(**settings), console=console)
 
 
-@pytest.mark.parametrize("method", ["unlock:1@text", "head"])
+@pytest.mark.parametrize("method", ["unlock:1@text", "head", "ln@text+adapter@text+top:1@text"])
 def test_training_with_the_cache_gives_the_whole_tower_run(tiny_vit_towers, data, tmp_path, method):
     text_calls = tiny_vit_towers["text"].calls
     before = text_calls.count

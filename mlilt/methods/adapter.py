@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlilt.methods.base import method
+from mlilt.methods.base import Scope, method
 from mlilt.methods.catalog import CATALOG
 from mlilt.methods.inject import output_width, replace_module
 from mlilt.towers.layout import find_layout
@@ -41,9 +41,9 @@ class AdaptedOutput(nn.Module):
         return self.adapter(self.base_layer(*args, **kwargs))
 
 
-def apply(tower: nn.Module, arg: int | None) -> int:
+def apply(tower: nn.Module, arg: int | None, scope: Scope) -> int:
     reduction = arg or DEFAULT_REDUCTION
-    sites = find_layout(tower).adapter_sites
+    sites = [site for site in find_layout(tower).adapter_sites if scope(site)]
     for site in sites:
         width = output_width(tower, site)
         adapter = Adapter(width, reduction).to(next(tower.parameters()).dtype)

@@ -8,12 +8,19 @@ from torch import nn
 
 from mlilt.methods.catalog import CATALOG, MethodInfo
 
+Scope = Callable[[str], bool]  # does a module or parameter name lie where the method may act?
+Apply = Callable[[nn.Module, int | None, Scope], int]  # returns the number of targets it found
+
+
+def everywhere(name: str) -> bool:
+    return True
+
 
 @dataclass(frozen=True)
 class MethodDef(MethodInfo):
-    apply: Callable[[nn.Module, int | None], int] = None  # returns the number of targets it found
+    apply: Apply = None
 
 
-def method(name: str, apply: Callable[[nn.Module, int | None], int]) -> MethodDef:
+def method(name: str, apply: Apply) -> MethodDef:
     """The registered method ``name``: its catalog entry with ``apply`` attached."""
     return MethodDef(**vars(CATALOG[name]), apply=apply)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlilt.methods.base import method
+from mlilt.methods.base import Scope, method
 from mlilt.methods.inject import make_all_trainable
 
 
-def apply(tower: nn.Module, arg: int | None) -> int:
-    biases = [name for name, _ in tower.named_parameters() if name.rpartition(".")[2] in ("bias", "in_proj_bias")]
+def apply(tower: nn.Module, arg: int | None, scope: Scope) -> int:
+    biases = [name for name, _ in tower.named_parameters()
+              if name.rpartition(".")[2] in ("bias", "in_proj_bias") and scope(name)]
     return make_all_trainable(tower, biases)
 
 

@@ -15,6 +15,7 @@ class MethodInfo:
     arg_name: str | None = None
     default_arg: int | None = None
     target_kind: str = "targets"
+    modifier: bool = False  # changes where the other parts act instead of training anything itself
 
 
 CATALOG: dict[str, MethodInfo] = {info.name: info for info in (
@@ -28,6 +29,9 @@ CATALOG: dict[str, MethodInfo] = {info.name: info for info in (
                arg_name="rank", default_arg=8, target_kind="attention weights"),
     MethodInfo("unlock", ("text", "image"), "the last K blocks and the layers after them", arg_name="blocks",
                default_arg=1, target_kind="blocks"),
+    MethodInfo("top", ("text", "image"), "limits the other parts to the last K blocks and the layers after them "
+               "(default 4); the frozen blocks below then run once per caption (text prefix cache)",
+               arg_name="blocks", default_arg=4, target_kind="blocks", modifier=True),
     MethodInfo("head", (), "nothing in the towers: projections and temperature only"),
     MethodInfo("full-text", ("text",), "the whole text tower (LiT baseline)", target_kind="weights"),
     MethodInfo("full", ("text", "image"), "both towers entirely (full fine-tuning baseline)", target_kind="weights"),

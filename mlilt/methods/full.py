@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlilt.methods.base import method
+from mlilt.methods.base import Scope, method
 from mlilt.methods.inject import make_all_trainable
 
 
-def train_everything(tower: nn.Module, arg: int | None) -> int:
+def train_everything(tower: nn.Module, arg: int | None, scope: Scope) -> int:
     return make_all_trainable(tower)
 
 
-def train_nothing(tower: nn.Module, arg: int | None) -> int:
+def train_nothing(tower: nn.Module, arg: int | None, scope: Scope) -> int:
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlilt.methods.base import method
+from mlilt.methods.base import Scope, method
 from mlilt.methods.inject import make_trainable
 
 NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -19,10 +19,10 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES) or name.endswith(("LayerNorm", "RMSNorm", "LayerNorm2d"))
 
 
-def apply(tower: nn.Module, arg: int | None) -> int:
+def apply(tower: nn.Module, arg: int | None, scope: Scope) -> int:
     found = 0
-    for _, module in tower.named_modules():
-        if is_norm(module) and getattr(module, "weight", None) is not None:
+    for name, module in tower.named_modules():
+        if is_norm(module) and getattr(module, "weight", None) is not None and scope(name):
             make_trainable(module, "weight")
             if getattr(module, "bias", None) is not None:
                 make_trainable(module, "bias")

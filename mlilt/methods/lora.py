@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mlilt.methods.base import method
+from mlilt.methods.base import Scope, method
 from mlilt.methods.catalog import CATALOG
 from mlilt.towers.layout import find_layout
 
@@ -31,9 +31,9 @@ class LoRADelta(nn.Module):
         return weight + (self.lora_B @ self.lora_A).to(weight.dtype) * self.scaling
 
 
-def apply(tower: nn.Module, arg: int | None) -> int:
+def apply(tower: nn.Module, arg: int | None, scope: Scope) -> int:
     rank = arg or DEFAULT_RANK
-    targets = find_layout(tower).lora_weights
+    targets = [(module, param) for module, param in find_layout(tower).lora_weights if scope(module)]
     for module_name, param_name in targets:
         module = tower.get_submodule(module_name)
         out_features, in_features = getattr(module, param_name).shape

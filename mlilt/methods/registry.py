@@ -5,15 +5,17 @@ from dataclasses import dataclass, field
 
 from mlilt.errors import UsageError
 from mlilt.methods import adapter, bitfit, full, ln, lora, unlock
-from mlilt.methods.base import MethodDef
+from mlilt.methods.base import MethodDef, Scope, everywhere
 from mlilt.methods.catalog import CATALOG
 from mlilt.methods.spec import MethodPart, parse_method
+from mlilt.methods.top import RESTRICTABLE, top_scope
 from mlilt.towers.base import Tower
 
 METHODS: dict[str, MethodDef] = {m.name: m for m in (
     ln.METHOD, bitfit.METHOD, adapter.METHOD, lora.METHOD, unlock.METHOD, full.HEAD, full.FULL_TEXT, full.FULL)}
-if set(METHODS) != set(CATALOG):  # a catalog entry without code (or the reverse) is a packaging bug
-    raise ImportError(f"methods and catalog disagree: {sorted(set(METHODS) ^ set(CATALOG))}")
+_TRAINERS = {name for name, info in CATALOG.items() if not info.modifier}
+if set(METHODS) != _TRAINERS:  # a catalog entry without code (or the reverse) is a packaging bug
+    raise ImportError(f"methods and catalog disagree: {sorted(set(METHODS) ^ _TRAINERS)}")
 
 
 @dataclass
@@ -60,8 +62,10 @@ def apply_methods(spec: str, towers: dict[str, Tower], frozen_sides: tuple[str, 
     """
     report = MethodReport(spec)
     parts = parse_method(spec)
-    for part in parts:
-        _apply_part(part, towers, frozen_sides, report, strict)
+    trainers = [part for part in parts if not CATALOG[part.name].modifier]
+    scopes = _scopes([part for part in parts if CATALOG[part.name].modifier], trainers, towers, frozen_sides, report)
+    for part in trainers:
+        _apply_part(part, towers, frozen_sides, report, strict, scopes)
     report.notes += _mixed_side_notes(parts, towers, frozen_sides)
     for side, tower in towers.items():
         report.total[side] = sum(p.numel() for p in tower.parameters())
@@ -76,28 +80,55 @@ def _mixed_side_notes(parts: list[MethodPart], towers: dict, frozen_sides) -> li
         return []
     side = named.pop()
     others = {s for s in towers if s != side and s not in frozen_sides}
-    unsided = [part for part in parts if not part.side and others & set(METHODS[part.name].sides)]
+    unsided = [part for part in parts if not part.side and not CATALOG[part.name].modifier
+               and others & set(CATALOG[part.name].sides)]
     if not unsided:
         return []
     meant = "+".join(str(part) if part.side else f"{part}@{side}" for part in parts)
-    return [f"'@{side}' restricts only the part it is attached to: {', '.join(map(str, unsided))} also acts on "
+    return [f"'@{side}' restricts only the part it is attached to: {', '.join(map(str, unsided))} also "
+            f"{'acts' if len(unsided) == 1 else 'act'} on "
             f"the {'/'.join(sorted(others))} tower; for the {side} tower only, write {meant}"]
 
 
-def _apply_part(part: MethodPart, towers: dict[str, Tower], frozen_sides, report: MethodReport,
-                strict: bool) -> None:
-    method = METHODS[part.name]
+def _scopes(modifiers: list[MethodPart], trainers: list[MethodPart], towers: dict[str, Tower], frozen_sides,
+            report: MethodReport) -> dict[str, Scope]:
+    """Where the trainers may act on each side: everywhere, or within a ``top:K`` limit."""
+    scopes: dict[str, Scope] = {}
+    for part in modifiers:  # only top:K so far
+        others = [t.name for t in trainers]
+        if not others or not set(others) <= set(RESTRICTABLE):
+            raise UsageError(f"method {part}: top limits {', '.join(RESTRICTABLE)} to the last blocks; "
+                             f"it cannot be combined with {', '.join(o for o in others if o not in RESTRICTABLE) or 'nothing'}")
+        trained_sides = {s for t in trainers for s in _sides(t, frozen_sides)}
+        for side in [s for s in _sides(part, frozen_sides) if s in towers and s in trained_sides]:
+            if side in scopes:
+                raise UsageError(f"method {part}: the {side} tower is given two top limits")
+            blocks = part.arg if part.arg is not None else CATALOG[part.name].default_arg
+            scopes[side] = top_scope(towers[side], blocks, f"{side} tower ({towers[side].spec})")
+            report.rows.append(MethodRow(str(part), side, blocks, CATALOG[part.name].target_kind))
+    return scopes
+
+
+def _sides(part: MethodPart, frozen_sides) -> list[str]:
+    """The sides a part acts on: its own @side, or every side it knows that is not frozen."""
     if part.side in frozen_sides:
         raise UsageError(f"method {part}: the {part.side} side is frozen (training against an anchor "
                          f"trains the text side only)")
-    sides = [part.side] if part.side else [s for s in method.sides if s not in frozen_sides]
+    return [part.side] if part.side else [s for s in CATALOG[part.name].sides if s not in frozen_sides]
+
+
+def _apply_part(part: MethodPart, towers: dict[str, Tower], frozen_sides, report: MethodReport,
+                strict: bool, scopes: dict[str, Scope]) -> None:
+    method = METHODS[part.name]
+    sides = _sides(part, frozen_sides)
     if not set(sides) <= set(towers):  # applying to a subset of towers (an anchor's image side)
         sides = [s for s in sides if s in towers]
         if not sides:
             return
     found_anywhere = 0
     for side in sides:
-        found = method.apply(towers[side], part.arg if part.arg is not None else method.default_arg)
+        found = method.apply(towers[side], part.arg if part.arg is not None else method.default_arg,
+                             scopes.get(side, everywhere))
         report.rows.append(MethodRow(str(part), side, found, method.target_kind))
         found_anywhere += found
         if found == 0 and method.sides:

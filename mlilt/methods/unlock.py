@@ -4,12 +4,12 @@ from __future__ import annotations
 from torch import nn
 
 from mlilt.errors import UsageError
-from mlilt.methods.base import method
+from mlilt.methods.base import Scope, method
 from mlilt.methods.inject import make_all_trainable
 from mlilt.towers.layout import find_layout
 
 
-def apply(tower: nn.Module, arg: int | None) -> int:
+def apply(tower: nn.Module, arg: int | None, scope: Scope) -> int:
     blocks_to_unlock = arg or 1
     layout = find_layout(tower)
     if not layout.blocks:

@@ -1,0 +1,34 @@
+"""``top[:K]``: not a method of its own but a limit on the others (PEFT's ``layers_to_transform``):
+``ln+adapter+top:4`` puts LayerNorm tuning and adapters only in the last 4 blocks of each
+tower and the layers after them.
+
+Why: when nothing below block L-K trains, the backward pass stops at block L-K and keeps no
+activations below it, and in a text tower the hidden states entering block L-K are a pure
+function of the caption, cached after the first epoch (``mlilt/text_cache.py``): later epochs
+run only the top K blocks.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from mlilt.errors import UsageError
+from mlilt.methods.base import Scope
+from mlilt.towers.layout import find_layout
+
+RESTRICTABLE = ("ln", "bitfit", "adapter", "lora")  # unlock:K already is "the top K"; full is everything
+
+
+def top_scope(tower: nn.Module, blocks: int, where: str) -> Scope:
+    """Names in the last ``blocks`` blocks of ``tower`` or in the layers after them."""
+    layout = find_layout(tower)
+    if not layout.blocks:
+        raise UsageError(f"top:{blocks}: the {where} has no block structure to count blocks in")
+    if blocks > len(layout.blocks):
+        raise UsageError(f"top:{blocks}: the {where} has only {len(layout.blocks)} blocks")
+    kept = tuple(block + "." for block in layout.blocks[-blocks:])
+    tail = set(layout.tail_params)
+    tail_modules = {param.rpartition(".")[0] for param in tail}
+
+    def scope(name: str) -> bool:
+        return name.startswith(kept) or name + "." in kept or name in tail or name in tail_modules
+    return scope
