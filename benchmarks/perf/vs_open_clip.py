@@ -1,13 +1,20 @@
 """Training throughput, mlilt vs open_clip's own trainer, on the same towers, data and batch.
 
-    python benchmarks/perf/vs_open_clip.py [--pairs 1000] [--batch-size 32] [--warmup 3]
+    python benchmarks/perf/vs_open_clip.py [--pairs 400] [--batch-size 32] [--epochs 3] [--warmup 3]
+        [--runs ln+adapter,ln+adapter+top:4,full-text]
 
-Issue 6, target 1. Four runs, each in its own process, one after the other:
+Issue 6, target 1. Each run in its own process, one after the other; a run that two
+comparisons share runs once:
 
 * mlilt ``ln+adapter`` anchored on ``langpacks/sw`` (image side frozen: image features are
   computed once, then read from the feature cache);
+* mlilt ``ln+adapter+top:4`` anchored: the same, limited to the last 4 text blocks, so the
+  text prefix cache holds blocks 0-7 after the first epoch;
 * ``open_clip_train.main`` with ``--lock-image --lock-text`` (its LiT/LayerNorm-tuning mode:
-  LayerNorms of the text tower and both projections train, the image tower runs every step);
+  LayerNorms of the text tower and both projections train, the image tower runs every step).
+  Its nearest mode to ``top:4``, ``--lock-text-unlocked-layers 4``, cannot run here:
+  open_clip 3.3.0's ``HFTextEncoder.lock`` raises ``KeyError: 'layer_attr'`` for a BERT-family
+  text tower;
 * mlilt ``full-text`` (the whole text tower trains; the image tower is frozen, so cached);
 * ``open_clip_train.main`` with ``--lock-image`` only (LiT: the whole text tower trains).
 
@@ -19,7 +26,8 @@ for open_clip; captions carry me5's ``query: `` prefix on both sides. open_clip 
 with ``--device cpu --precision fp32 --workers 1``; its own log gives the samples/s of every
 step (``--log-every-n-steps 1``), mlilt's is timed around its optimizer step. A step's time
 is from one batch to the next: data loading, forward, backward, optimizer.
-Steady state is the median over the steps after ``--warmup``.
+Per epoch group (the first epoch, the later ones) the median step after ``--warmup`` steps of
+each epoch; CPU time per step from the process's (and its DataLoader workers') CPU seconds.
 """
 from __future__ import annotations
 
@@ -104,7 +112,7 @@ def run_open_clip(args) -> dict:
     locks = ["--lock-image", "--lock-image-freeze-bn-stats"] + (["--lock-text"] if args.lock_text else [])
     argv = ["--train-data", str(work / "pairs.csv"), "--dataset-type", "csv", "--csv-img-key", "filepath",
             "--csv-caption-key", "title", "--model", MODEL_NAME, "--pretrained", str(checkpoint),
-            "--batch-size", str(args.batch_size), "--epochs", "1", "--lr", "1e-3", "--warmup", "1",
+            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", "1e-3", "--warmup", "1",
             "--workers", str(args.workers), "--device", "cpu", "--precision", "fp32", "--seed", "0",
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
             "--log-every-n-steps", "1", "--image-mean", "0.5", "0.5", "0.5",
@@ -126,7 +134,7 @@ def run_open_clip(args) -> dict:
     shutil.rmtree(logs, ignore_errors=True)  # its final checkpoint is large and not needed
     per_step = [args.batch_size / float(rate) for rate in OPEN_CLIP_STEP.findall(log)]
     return {"side": "open_clip", "argv": " ".join(argv), "step_s": per_step, "seconds": seconds,
-            "one_off_s": 0.0, "cpu_per_step": sum(cpu) / max(1, len(per_step))}
+            "one_off_s": 0.0, "epoch_cpu_s": cpu, "epochs": args.epochs}
 
 
 def cpu_seconds() -> float:
@@ -163,14 +171,16 @@ def run_mlilt(args) -> dict:
     training._step, training.ImageSource.prepare = timed_step, timed_prepare
     out = Path(tempfile.mkdtemp(dir=args.work, prefix="mlilt_pack_")) / "pack"
     config = TrainConfig(lang="sw", data=args.pairs_file, out=str(out), method=args.method,
-                         anchor=args.anchor or None, epochs=1, batch_size=args.batch_size, holdout=args.holdout,
-                         checkpoint_every=0)
+                         anchor=args.anchor or None, epochs=args.epochs, batch_size=args.batch_size,
+                         holdout=args.holdout, checkpoint_every=0)
     started = time.perf_counter()
     training.train(config)
     seconds = time.perf_counter() - started
     shutil.rmtree(out.parent, ignore_errors=True)
+    per_epoch = len(cpu) // args.epochs
+    epoch_cpu = [sum(cpu[i * per_epoch:(i + 1) * per_epoch]) for i in range(args.epochs)]
     return {"side": "mlilt", "config": config.to_dict(), "step_s": step_times(spans), "seconds": seconds,
-            "one_off_s": sum(one_off), "cpu_per_step": sum(cpu) / max(1, len(cpu))}
+            "one_off_s": sum(one_off), "epoch_cpu_s": epoch_cpu, "epochs": args.epochs}
 
 
 def step_times(spans: list[tuple[float, float]]) -> list[float]:
@@ -182,55 +192,88 @@ def step_times(spans: list[tuple[float, float]]) -> list[float]:
 # --------------------------------------------------------------------------- driver
 
 
-RUNS = {
-    "ln+adapter": [("mlilt ln+adapter, anchored (image features cached)",
-                    ["--child", "mlilt", "--method", "ln+adapter", "--anchor", "{anchor}"]),
-                   ("open_clip_train --lock-image --lock-text (text LayerNorms train)",
-                    ["--child", "open_clip", "--lock-text"])],
-    "full-text": [("mlilt full-text (image tower frozen, features cached)", ["--child", "mlilt", "--method", "full-text"]),
-                  ("open_clip_train --lock-image (whole text tower trains)", ["--child", "open_clip"])],
+MLILT_LN_ADAPTER = "mlilt ln+adapter, anchored (image features cached)"
+MLILT_TOP4 = "mlilt ln+adapter+top:4, anchored (image features cached; text blocks 0-7 cached from epoch 2)"
+OPEN_CLIP_LN = "open_clip_train --lock-image --lock-text (text LayerNorms train)"
+RUN_ARGS = {
+    MLILT_LN_ADAPTER: ["--child", "mlilt", "--method", "ln+adapter", "--anchor", "{anchor}"],
+    MLILT_TOP4: ["--child", "mlilt", "--method", "ln+adapter+top:4", "--anchor", "{anchor}"],
+    OPEN_CLIP_LN: ["--child", "open_clip", "--lock-text"],
+    "mlilt full-text (image tower frozen, features cached)": ["--child", "mlilt", "--method", "full-text"],
+    "open_clip_train --lock-image (whole text tower trains)": ["--child", "open_clip"],
+}
+COMPARISONS = {  # name -> [(mlilt run, open_clip run), ...]
+    "ln+adapter": [(MLILT_LN_ADAPTER, OPEN_CLIP_LN)],
+    "ln+adapter+top:4": [(MLILT_TOP4, OPEN_CLIP_LN)],
+    "full-text": [("mlilt full-text (image tower frozen, features cached)",
+                   "open_clip_train --lock-image (whole text tower trains)")],
 }
 
 
-def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
-    """Each comparison's two runs, ``--repeat`` times in alternating order (A B, B A, ...) so
-    that a slow patch of a shared machine does not land on one side only."""
+def measure(script: str, work: Path, pairs_file: Path, args) -> tuple[dict[str, dict], list[tuple[str, str]]]:
+    """Every run the chosen comparisons need, ``--repeat`` times, alternating the order of
+    each comparison's sides (A B, B A, ...) so that a slow patch of a shared machine does not
+    land on one side only. Returns results by run label and the (mlilt, open_clip) pairs."""
     common = ["--work", str(work), "--pairs-file", str(pairs_file), "--batch-size", str(args.batch_size),
-              "--workers", str(args.workers)]
+              "--workers", str(args.workers), "--epochs", str(args.epochs)]
     env = {"MLILT_CACHE": str(work / "mlilt_cache"), "OMP_NUM_THREADS": str(args.threads)}
+    pairs = [pair for name in args.runs.split(",") for pair in COMPARISONS[name]]
     merged: dict[str, dict] = {}
-    for name in args.runs.split(","):
-        for repeat in range(args.repeat):
-            order = RUNS[name] if repeat % 2 == 0 else RUNS[name][::-1]
-            for label, extra in order:
-                result = run_child(script, common + [a.format(anchor=args.anchor) for a in extra], env=env)
-                kept = steady(result["step_s"], args.warmup)
-                print(f"{label}: {len(result['step_s'])} steps, median {median(kept):.3f} s/step after "
-                      f"{args.warmup}, one-off {result['one_off_s']:.1f} s", flush=True)
-                into = merged.setdefault(label, {"label": label, "steady": [], "step_s": result["step_s"],
-                                                 "one_off_s": result["one_off_s"], "cpu": []})
-                into["steady"] += kept  # one-off and 1-epoch figures: the first (cold-cache) run
-                into["cpu"].append(result["cpu_per_step"])
-    for result in merged.values():
-        result["steady_step_s"] = median(result["steady"])
-    return list(merged.values())
+    for repeat in range(args.repeat):
+        for pair in pairs:
+            for label in (pair if repeat % 2 == 0 else pair[::-1]):
+                if len(merged.get(label, {}).get("runs", [])) > repeat:
+                    continue  # shared with a comparison that already ran it this round
+                result = run_child(script, common + [a.format(anchor=args.anchor) for a in RUN_ARGS[label]], env=env)
+                print(f"{label}: {len(result['step_s'])} steps, one-off {result['one_off_s']:.1f} s, "
+                      f"{result['seconds']:.0f} s in all", flush=True)
+                merged.setdefault(label, {"label": label, "runs": []})["runs"].append(result)
+    return {label: summarise(entry["runs"], args) for label, entry in merged.items()}, pairs
 
 
-def report(results: list[dict], args) -> str:
+def summarise(runs: list[dict], args) -> dict:
+    """Medians over runs of a side: epoch 1 and epochs 2+ step times (after ``--warmup`` steps
+    of each epoch), CPU per step in each group, and the whole first run's rate incl. one-off."""
+    first, later, cpu_first, cpu_later = [], [], [], []
+    for run in runs:
+        per_epoch = len(run["step_s"]) // run["epochs"]
+        epochs = [run["step_s"][i * per_epoch:(i + 1) * per_epoch] for i in range(run["epochs"])]
+        first += steady(epochs[0], args.warmup)
+        later += [t for epoch in epochs[1:] for t in steady(epoch, args.warmup)]
+        cpu_first.append(run["epoch_cpu_s"][0] / per_epoch)
+        if run["epochs"] > 1:
+            cpu_later.append(sum(run["epoch_cpu_s"][1:]) / (per_epoch * (run["epochs"] - 1)))
+    cold = runs[0]  # one-off and whole-run figures: the first (cold-cache) run
+    return {"first_s": median(first), "later_s": median(later) if later else None,
+            "cpu_first": median(cpu_first), "cpu_later": median(cpu_later) if cpu_later else None,
+            "one_off_s": cold["one_off_s"],
+            "run_rate": args.batch_size * len(cold["step_s"]) / (sum(cold["step_s"]) + cold["one_off_s"])}
+
+
+def report(results: dict[str, dict], pairs: list[tuple[str, str]], args) -> str:
     rows = []
-    for ours, theirs in zip(results[0::2], results[1::2]):
-        for r in (ours, theirs):
-            r["rate"] = args.batch_size / r["steady_step_s"]
-            r["epoch_rate"] = args.batch_size * len(r["step_s"]) / (sum(r["step_s"]) + r["one_off_s"])
-        ours_cpu, theirs_cpu = median(ours["cpu"]), median(theirs["cpu"])
-        rows.append([ours["label"], f"{ours['rate']:.2f}", f"{ours['epoch_rate']:.2f}", f"{ours['one_off_s']:.0f}",
-                     f"{ours_cpu:.1f}", theirs["label"], f"{theirs['rate']:.2f}", f"{theirs['epoch_rate']:.2f}",
-                     f"{theirs_cpu:.1f}", f"**{ours['rate'] / theirs['rate']:.2f}×**",
-                     f"{ours['epoch_rate'] / theirs['epoch_rate']:.2f}×", f"**{theirs_cpu / ours_cpu:.2f}×**"])
-    header = ["mlilt run", "samples/s (steady)", "samples/s (1 epoch incl. one-off)", "one-off feature pass s",
-              "CPU s/step", "open_clip run", "samples/s (steady)", "samples/s (1 epoch)", "CPU s/step",
-              "ratio steady", "ratio 1 epoch", "ratio CPU/step"]
+    for ours_label, theirs_label in pairs:
+        ours, theirs = results[ours_label], results[theirs_label]
+        rows.append([ours_label, theirs_label] + _side_cells(ours, args) + _side_cells(theirs, args) + [
+            f"{theirs['first_s'] / ours['first_s']:.2f}×", _ratio(theirs["later_s"], ours["later_s"]),
+            f"**{_ratio(theirs['cpu_later'], ours['cpu_later'])}**", f"{ours['run_rate'] / theirs['run_rate']:.2f}×"])
+    header = ["mlilt run", "open_clip run",
+              "mlilt samples/s epoch 1", "mlilt samples/s epochs 2+", "mlilt CPU s/step epochs 2+",
+              "mlilt samples/s whole run incl. one-off", "mlilt one-off s",
+              "open_clip samples/s epoch 1", "open_clip samples/s epochs 2+", "open_clip CPU s/step epochs 2+",
+              "open_clip samples/s whole run", "open_clip one-off s",
+              "ratio epoch 1", "ratio epochs 2+", "ratio CPU/step epochs 2+", "ratio whole run"]
     return table(header, rows)
+
+
+def _side_cells(side: dict, args) -> list[str]:
+    later = f"{args.batch_size / side['later_s']:.2f}" if side["later_s"] else "—"
+    cpu = f"{side['cpu_later']:.2f}" if side["cpu_later"] else "—"
+    return [f"{args.batch_size / side['first_s']:.2f}", later, cpu, f"{side['run_rate']:.2f}", f"{side['one_off_s']:.0f}"]
+
+
+def _ratio(theirs: float | None, ours: float | None) -> str:
+    return f"{theirs / ours:.2f}×" if theirs and ours else "—"
 
 
 def main() -> None:
@@ -240,7 +283,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
     parser.add_argument("--workers", type=int, default=1, help="open_clip DataLoader workers")
     parser.add_argument("--anchor", default=str(REPO / "langpacks" / "sw"))
-    parser.add_argument("--runs", default="ln+adapter,full-text", help="comparisons to run: ln+adapter, full-text")
+    parser.add_argument("--runs", default="ln+adapter,ln+adapter+top:4,full-text",
+                        help=f"comparisons to run: {', '.join(COMPARISONS)}")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the text prefix cache pays from the 2nd)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side, alternating which side goes first")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
@@ -257,11 +302,12 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="mlilt-perf-"))
     pairs_file = demo_data(work / "demo", ["sw"], args.pairs) / "sw" / "train.jsonl"
     write_open_clip_inputs(work, pairs_file, embed_dim=256, context_length=64)
-    results = measure(__file__, work, pairs_file, args)
+    results, pairs = measure(__file__, work, pairs_file, args)
     print(f"\nmachine: {machine()}")
-    print(f"pairs: {len(pairs_file.read_text().splitlines())}, batch {args.batch_size}, {args.threads} torch thread(s), "
-          f"median over steps after the first {args.warmup} of each run, {args.repeat} run(s) per side\n")
-    print(report(results, args))
+    print(f"pairs: {len(pairs_file.read_text().splitlines())}, batch {args.batch_size}, {args.epochs} epochs, "
+          f"{args.threads} torch thread(s), median over the steps after the first {args.warmup} of each epoch, "
+          f"{args.repeat} run(s) per side\n")
+    print(report(results, pairs, args))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def train_command(
                                                                           "instead of stopping.")] = False,
     no_cache_text: Annotated[bool, typer.Option("--no-cache-text",
                                                 help="Run the whole text tower every step. By default, when "
-                                                     "only the top text blocks train (unlock:K), the hidden "
+                                                     "only the top text blocks train (unlock:K, +top:K), the hidden "
                                                      "states below them are kept per caption in memory and "
                                                      "later epochs run only the top blocks.")] = False,
     text_cache_mb: Annotated[int, typer.Option(help="Memory bound (MiB) of that cache; captions past it run "
