@@ -20,6 +20,7 @@ import torch
 from mlilt import distributed
 from mlilt.api import image_side_of
 from mlilt.build import build_sides
+from mlilt.grad_checkpoint import checkpoint_blocks
 from mlilt.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
                               remove_checkpoint, save_checkpoint)
 from mlilt.data.feature_cache import FeatureCache, tower_features
@@ -145,6 +146,10 @@ def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, P
     if config.anchor:
         anchor = read_pack(config.anchor)
         sides["image"] = image_side_of(anchor, image_tower)
+    if config.grad_checkpointing:
+        for encoder in sides.values():
+            if encoder.tower_trains():
+                checkpoint_blocks(encoder.tower)
     return ContrastiveModel(sides["text"], sides["image"]), report, anchor
 
 

@@ -28,6 +28,7 @@ class TrainConfig:
     holdout: float = 0.1  # share (<1) or number (>=1) of images held out for validation
     seed: int = 0
     bf16: bool = False
+    grad_checkpointing: bool = False  # recompute trained blocks' activations in the backward pass: less memory
     max_length: int = 64  # caption tokens
     pooling: str | None = None  # text tower pooling (mean/cls); None: the tower's default
     text_prefix: str | None = None  # prepended to captions; None: the tower's default

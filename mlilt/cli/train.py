@@ -37,6 +37,11 @@ def train_command(
     text_prefix: Annotated[Optional[str], typer.Option(help="Prepended to every caption (me5-small: 'query: ').")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, split and order.")] = 0,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast.")] = False,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing",
+                                                     help="Recompute the activations of each block of a trained "
+                                                          "tower in the backward pass instead of keeping them: "
+                                                          "less memory, about one more forward pass of "
+                                                          "compute (for large towers).")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count them.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = False,
     exclude_leaks: Annotated[Optional[str], typer.Option(help="Drop pairs that leak this benchmark's test set "
@@ -72,10 +77,11 @@ def train_command(
     config = TrainConfig(lang=lang, data=data, out=out, method=method, anchor=anchor, text_tower=text_tower,
                          image_tower=image_tower, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, holdout=holdout, embed_dim=embed_dim, max_length=max_length,
-                         pooling=pooling, text_prefix=text_prefix, seed=seed, bf16=bf16, skip_bad=skip_bad,
-                         overwrite=overwrite, exclude_leaks=exclude_leaks, leak_root=leak_root,
-                         leak_threshold=leak_threshold, checkpoint_every=checkpoint_every, resume=resume,
-                         skip_nonfinite=skip_nonfinite, cache_text=not no_cache_text, text_cache_mb=text_cache_mb)
+                         pooling=pooling, text_prefix=text_prefix, seed=seed, bf16=bf16,
+                         grad_checkpointing=grad_checkpointing, skip_bad=skip_bad, overwrite=overwrite,
+                         exclude_leaks=exclude_leaks, leak_root=leak_root, leak_threshold=leak_threshold,
+                         checkpoint_every=checkpoint_every, resume=resume, skip_nonfinite=skip_nonfinite,
+                         cache_text=not no_cache_text, text_cache_mb=text_cache_mb)
     result = train(config, console=console)
     if not result.written:  # another process (rank 0 under torchrun) reports
         return
