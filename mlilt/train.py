@@ -89,6 +89,7 @@ def _train(config: TrainConfig, console, ranks: Ranks) -> TrainResult:
     model.to(ranks.device)
     texts, images = TextSource(model.text, config, ranks.device), ImageSource(model.image, config, ranks.device)
     progress = TrainProgress(console)
+    _warn_slow_bf16(config, ranks.device, console)
     images.prepare(train_split, val_split, progress, ranks)
     state = _fit(model, train_split, val_split, (texts, images), config, progress, summary.get("sha256", ""),
                  ranks)
@@ -102,6 +103,17 @@ def _train(config: TrainConfig, console, ranks: Ranks) -> TrainResult:
         remove_checkpoint(checkpoint_dir(config.out))  # the pack is complete: nothing left to resume
     ranks.barrier()  # the other ranks return once the pack exists
     return TrainResult(pack, best["val"], report, state.history, written=ranks.is_main)
+
+
+def _warn_slow_bf16(config: TrainConfig, device: torch.device, console) -> None:
+    """bf16 autocast on a CPU without bfloat16 instructions is emulated: measured 19x slower
+    than fp32 on an AVX2 machine (benchmarks/perf/README.md). Say so rather than refuse."""
+    if not config.bf16 or device.type != "cpu" or console is None:
+        return
+    capability = torch.backends.cpu.get_cpu_capability()
+    if "AVX512" not in capability and "AMX" not in capability:
+        console.print(f"note: --bf16 on a CPU without bfloat16 instructions ({capability}) is emulated and "
+                      f"much slower than fp32 here; it pays on GPUs and on CPUs with AVX512-BF16/AMX")
 
 
 def _check_out(config: TrainConfig) -> None:

@@ -3,6 +3,9 @@
     python benchmarks/perf/vs_full.py [--methods ln,ln+adapter,lora] [--anchored-methods ln,ln+adapter,lora]
                                       [--pairs 500] [--warmup 2]
 
+A method may carry training options after a slash: ``ln/ckpt`` (``--grad-checkpointing``),
+``ln+adapter/bf16`` (``--bf16``), ``ln/ckpt/bf16``.
+
 Issue 6, target 2: ``ln``, ``ln+adapter`` and ``lora`` steps should take at most 0.5x the
 time of a ``full`` step and at most 0.4x its peak memory. Same towers (the offline pair),
 same demo pairs, batch 32. Each method runs in its own process: one epoch of
@@ -29,6 +32,7 @@ from _common import (REPO, demo_data, emit, machine, median, peak_rss_mb, reset_
                      rss_mb, run_child, steady, table)
 
 DEFAULT_METHODS = "ln,ln+adapter,lora"
+FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing"}  # METHOD/bf16, METHOD/ckpt: training options
 
 
 def run_method(args) -> dict:
@@ -37,9 +41,13 @@ def run_method(args) -> dict:
     from mlilt.towers.registry import load_image_tower, load_text_tower
     from mlilt.train_config import TrainConfig
 
+    method, *flags = args.method.split("/")
+    unknown = set(flags) - set(FLAGS)
+    if unknown:
+        raise SystemExit(f"{args.method}: unknown option {', '.join(sorted(unknown))}; known: {', '.join(FLAGS)}")
     config = TrainConfig(lang="sw", data=args.pairs_file, out=str(Path(tempfile.mkdtemp(dir=args.work)) / "pack"),
-                         method=args.method, anchor=args.anchor or None, epochs=1, batch_size=args.batch_size,
-                         holdout=2, checkpoint_every=0)
+                         method=method, anchor=args.anchor or None, epochs=1, batch_size=args.batch_size,
+                         holdout=2, checkpoint_every=0, **{FLAGS[flag]: True for flag in flags})
     load_text_tower(config.text_tower, pooling=config.pooling, max_length=config.max_length,
                     prefix=config.text_prefix)
     load_image_tower(config.image_tower)  # train() reuses both: they are the baseline
