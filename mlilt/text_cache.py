@@ -1,7 +1,7 @@
-"""Frozen means cached, inside the text tower: when nothing below block C trains (``unlock:K``, or ``ln+adapter+top:K``
-trains only the top K blocks), the hidden states entering block C are a pure function of the
-caption. They are computed once per caption, kept in memory unpadded ([tokens, width] each),
-and later steps run only blocks C.. and the pooling.
+"""Frozen means cached, inside the text tower: when nothing below block C trains (``unlock:K``
+or ``ln+adapter+top:K`` train only the top K blocks), the hidden states entering block C are
+a pure function of the caption. They are computed once per caption, kept in memory unpadded
+([tokens, width] each), and later steps run only blocks C.. and the pooling.
 
 Only Hugging Face BERT-family towers (BERT, XLM-R, mBERT, mE5: ``embeddings`` then
 ``encoder.layer``) are split; any other tower, or a method that trains anything below block

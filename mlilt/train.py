@@ -20,13 +20,13 @@ import torch
 from mlilt import distributed
 from mlilt.api import image_side_of
 from mlilt.build import build_sides
-from mlilt.grad_checkpoint import checkpoint_blocks
 from mlilt.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
                               remove_checkpoint, save_checkpoint)
 from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id, load_image
 from mlilt.data.pairs import PairSet, read_pairs
 from mlilt.distributed import Ranks
+from mlilt.grad_checkpoint import checkpoint_blocks
 from mlilt.encode import length_sorted_batches
 from mlilt.errors import DataError, UsageError
 from mlilt.evaluation.retrieval import retrieval_metrics

@@ -35,7 +35,7 @@ class TrainConfig:
     skip_bad: bool = False
     overwrite: bool = False
     cache_features: bool = True
-    cache_text: bool = True  # keep the hidden states below the lowest trainable text block (unlock:K, +top:K) per caption
+    cache_text: bool = True  # per caption, the hidden states below the lowest trainable text block (unlock:K, +top:K)
     text_cache_mb: int = 4096  # memory bound of that cache; captions past it run the whole tower
     exclude_leaks: str | None = None  # a benchmark whose test captions/images must not be trained on
     leak_root: str | None = None  # where that benchmark lives (a pairs file for "custom")

@@ -58,7 +58,8 @@ def test_training_with_checkpointing_writes_the_same_pack(tiny_vit_towers, tmp_p
     generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
     packs = {}
     for flag in (False, True):
-        config = TrainConfig(lang="sw", data=str(tmp_path / "data" / "sw" / "train.jsonl"), out=str(tmp_path / str(flag)),
+        data = tmp_path / "data" / "sw" / "train.jsonl"
+        config = TrainConfig(lang="sw", data=str(data), out=str(tmp_path / str(flag)),
                              text_tower="tiny-bert-0", image_tower="tiny-timm-vit", embed_dim=16, epochs=2,
                              batch_size=8, method="ln+adapter", grad_checkpointing=flag, checkpoint_every=0)
         result = train(config)

@@ -255,8 +255,8 @@ def report(results: dict[str, dict], pairs: list[tuple[str, str]], args) -> str:
     for ours_label, theirs_label in pairs:
         ours, theirs = results[ours_label], results[theirs_label]
         rows.append([ours_label, theirs_label] + _side_cells(ours, args) + _side_cells(theirs, args) + [
-            f"{theirs['first_s'] / ours['first_s']:.2f}×", _ratio(theirs["later_s"], ours["later_s"]),
-            f"**{_ratio(theirs['cpu_later'], ours['cpu_later'])}**", f"{ours['run_rate'] / theirs['run_rate']:.2f}×"])
+            _ratio(theirs["first_s"], ours["first_s"]), _ratio(theirs["later_s"], ours["later_s"]),
+            f"**{_ratio(theirs['cpu_later'], ours['cpu_later'])}**", _ratio(ours["run_rate"], theirs["run_rate"])])
     header = ["mlilt run", "open_clip run",
               "mlilt samples/s epoch 1", "mlilt samples/s epochs 2+", "mlilt CPU s/step epochs 2+",
               "mlilt samples/s whole run incl. one-off", "mlilt one-off s",
@@ -269,11 +269,12 @@ def report(results: dict[str, dict], pairs: list[tuple[str, str]], args) -> str:
 def _side_cells(side: dict, args) -> list[str]:
     later = f"{args.batch_size / side['later_s']:.2f}" if side["later_s"] else "—"
     cpu = f"{side['cpu_later']:.2f}" if side["cpu_later"] else "—"
-    return [f"{args.batch_size / side['first_s']:.2f}", later, cpu, f"{side['run_rate']:.2f}", f"{side['one_off_s']:.0f}"]
+    return [f"{args.batch_size / side['first_s']:.2f}", later, cpu, f"{side['run_rate']:.2f}",
+            f"{side['one_off_s']:.0f}"]
 
 
-def _ratio(theirs: float | None, ours: float | None) -> str:
-    return f"{theirs / ours:.2f}×" if theirs and ours else "—"
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    return f"{numerator / denominator:.2f}×" if numerator and denominator else "—"
 
 
 def main() -> None:
@@ -285,7 +286,8 @@ def main() -> None:
     parser.add_argument("--anchor", default=str(REPO / "langpacks" / "sw"))
     parser.add_argument("--runs", default="ln+adapter,ln+adapter+top:4,full-text",
                         help=f"comparisons to run: {', '.join(COMPARISONS)}")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the text prefix cache pays from the 2nd)")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs per run (the text prefix cache pays from the 2nd)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side, alternating which side goes first")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")

@@ -8,7 +8,7 @@ from mlilt.methods import adapter, bitfit, full, ln, lora, unlock
 from mlilt.methods.base import MethodDef, Scope, everywhere
 from mlilt.methods.catalog import CATALOG
 from mlilt.methods.spec import MethodPart, parse_method
-from mlilt.methods.top import RESTRICTABLE, top_scope
+from mlilt.methods.top import check_partners, top_scope
 from mlilt.towers.base import Tower
 
 METHODS: dict[str, MethodDef] = {m.name: m for m in (
@@ -94,12 +94,9 @@ def _scopes(modifiers: list[MethodPart], trainers: list[MethodPart], towers: dic
             report: MethodReport) -> dict[str, Scope]:
     """Where the trainers may act on each side: everywhere, or within a ``top:K`` limit."""
     scopes: dict[str, Scope] = {}
+    trained_sides = {s for t in trainers for s in _sides(t, frozen_sides)}
     for part in modifiers:  # only top:K so far
-        others = [t.name for t in trainers]
-        if not others or not set(others) <= set(RESTRICTABLE):
-            raise UsageError(f"method {part}: top limits {', '.join(RESTRICTABLE)} to the last blocks; "
-                             f"it cannot be combined with {', '.join(o for o in others if o not in RESTRICTABLE) or 'nothing'}")
-        trained_sides = {s for t in trainers for s in _sides(t, frozen_sides)}
+        check_partners(str(part), [t.name for t in trainers])
         for side in [s for s in _sides(part, frozen_sides) if s in towers and s in trained_sides]:
             if side in scopes:
                 raise UsageError(f"method {part}: the {side} tower is given two top limits")

@@ -13,9 +13,17 @@ from torch import nn
 
 from mlilt.errors import UsageError
 from mlilt.methods.base import Scope
-from mlilt.towers.layout import find_layout
+from mlilt.towers.layout import find_layout, last_blocks
 
 RESTRICTABLE = ("ln", "bitfit", "adapter", "lora")  # unlock:K already is "the top K"; full is everything
+
+
+def check_partners(part: str, partners: list[str]) -> None:
+    """``top`` limits per-block methods; alone or beside a whole-block method it means nothing."""
+    wrong = [name for name in partners if name not in RESTRICTABLE]
+    if not partners or wrong:
+        raise UsageError(f"method {part}: top limits {', '.join(RESTRICTABLE)} to the last blocks; "
+                         f"it cannot be combined with {', '.join(wrong) or 'nothing'}")
 
 
 def top_scope(tower: nn.Module, blocks: int, where: str) -> Scope:
@@ -23,12 +31,10 @@ def top_scope(tower: nn.Module, blocks: int, where: str) -> Scope:
     layout = find_layout(tower)
     if not layout.blocks:
         raise UsageError(f"top:{blocks}: the {where} has no block structure to count blocks in")
-    if blocks > len(layout.blocks):
-        raise UsageError(f"top:{blocks}: the {where} has only {len(layout.blocks)} blocks")
-    kept = tuple(block + "." for block in layout.blocks[-blocks:])
-    tail = set(layout.tail_params)
-    tail_modules = {param.rpartition(".")[0] for param in tail}
+    kept = tuple(block + "." for block in last_blocks(layout, blocks, f"top:{blocks}", where))
+    tail = set(layout.tail_params)  # parameter names (bitfit) ...
+    tail_modules = {param.rpartition(".")[0] for param in tail}  # ... and their modules (ln)
 
     def scope(name: str) -> bool:
-        return name.startswith(kept) or name + "." in kept or name in tail or name in tail_modules
+        return name.startswith(kept) or name in tail or name in tail_modules
     return scope

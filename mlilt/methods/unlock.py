@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from mlilt.errors import UsageError
 from mlilt.methods.base import Scope, method
 from mlilt.methods.inject import make_all_trainable
-from mlilt.towers.layout import find_layout
+from mlilt.towers.layout import find_layout, last_blocks
 
 
 def apply(tower: nn.Module, arg: int | None, scope: Scope) -> int:
@@ -14,10 +13,8 @@ def apply(tower: nn.Module, arg: int | None, scope: Scope) -> int:
     layout = find_layout(tower)
     if not layout.blocks:
         return 0
-    if blocks_to_unlock > len(layout.blocks):
-        raise UsageError(f"unlock:{blocks_to_unlock}: the {getattr(tower, 'side', '')} tower has only "
-                         f"{len(layout.blocks)} blocks")
-    unlocked = layout.blocks[-blocks_to_unlock:]
+    where = f"{getattr(tower, 'side', '')} tower"
+    unlocked = last_blocks(layout, blocks_to_unlock, f"unlock:{blocks_to_unlock}", where)
     names = [name for name, _ in tower.named_parameters() if any(name.startswith(b + ".") for b in unlocked)]
     make_all_trainable(tower, names + layout.tail_params)
     return len(unlocked)

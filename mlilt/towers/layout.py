@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from mlilt.errors import UsageError
+
 # Containers of the main blocks, most specific first.
 BLOCK_CONTAINERS = ("encoder.layer", "encoder.layers", "layers", "transformer.resblocks", "blocks", "stages")
 
@@ -67,6 +69,13 @@ def find_layout(module: nn.Module) -> TowerLayout:
         layout.adapter_sites = [f"{b}.{site}" for b in blocks for site in pattern.adapter_sites]
         layout.lora_weights = [(f"{b}.{m}", p) for b in blocks for m, p in pattern.lora_weights]
     return layout
+
+
+def last_blocks(layout: TowerLayout, count: int, part: str, where: str) -> list[str]:
+    """The last ``count`` blocks of a layout; a UsageError naming ``part`` and ``where`` if it has fewer."""
+    if count > len(layout.blocks):
+        raise UsageError(f"{part}: the {where} has only {len(layout.blocks)} blocks")
+    return layout.blocks[-count:]
 
 
 def _block_container(module: nn.Module) -> tuple[str, nn.Module] | None:
