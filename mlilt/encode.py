@@ -1,11 +1,14 @@
 """Batched, gradient-free encoding shared by the API, validation and evaluation.
 
 Captions are tokenized once, sorted by token count and padded per batch to the longest caption
-of that batch, never to a fixed length: the text tower's cost follows the real tokens.
+of that batch, never to a fixed length: the text tower's cost follows the real tokens. A
+training batch keeps its random captions (they are each other's negatives) and is run in a few
+groups of similar length instead (``length_groups``): the same embeddings, less padding.
 """
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 
@@ -20,13 +23,54 @@ def length_sorted_batches(texts: list[str], batch_size: int, lengths: list[int] 
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+# What one more tower call costs, in padded token positions: measured on the offline text tower
+# (benchmarks/perf/README.md, "length groups"); it keeps a batch from splitting into slivers.
+GROUP_CALL_TOKENS = 96
+
+
+def length_groups(lengths: list[int], call_tokens: int | None = None) -> list[list[int]]:
+    """Positions of ``lengths`` in groups of similar length, chosen to minimise the padded
+    token positions the groups cost (each padded to its longest) plus ``call_tokens`` per group.
+
+    Runs of equal lengths are never split, so the search is over distinct lengths (at most the
+    tower's max length), whatever the batch size."""
+    call_tokens = GROUP_CALL_TOKENS if call_tokens is None else call_tokens
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    values = sorted(set(lengths))
+    counts = [0] * (len(values) + 1)  # counts[k]: captions shorter than values[k]
+    for k, value in enumerate(values):
+        counts[k + 1] = counts[k] + lengths.count(value)
+    best = [0.0] + [float("inf")] * len(values)  # best[k]: cost of the k shortest distinct lengths
+    cut = [0] * (len(values) + 1)
+    for k in range(1, len(values) + 1):
+        for start in range(k):
+            cost = best[start] + (counts[k] - counts[start]) * values[k - 1] + call_tokens
+            if cost < best[k]:
+                best[k], cut[k] = cost, start
+    bounds, k = [], len(values)
+    while k:
+        bounds.append((counts[cut[k]], counts[k]))
+        k = cut[k]
+    return [order[a:b] for a, b in reversed(bounds)]
+
+
+def run_in_length_groups(lengths: list[int], run: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """``run`` over each length group, rows put back in input order (gradients flow through)."""
+    groups = length_groups(lengths)
+    if len(groups) == 1:  # no reordering needed
+        return run(list(range(len(lengths))))
+    rows = torch.cat([run(group) for group in groups])
+    positions = torch.tensor([i for group in groups for i in group], device=rows.device)
+    return rows[torch.argsort(positions)]
+
+
 @torch.no_grad()
 def encode_texts(encoder: SideEncoder, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Normalised embeddings [N, D] in the input order."""
     out = torch.empty(len(texts), encoder.proj.out_features)
     tower = encoder.tower
     device = encoder.proj.weight.device  # the encoder may sit on a GPU; embeddings come back to the CPU
-    ids = _token_ids(tower, texts)
+    ids = token_ids(tower, texts)
     if ids is None:  # a tower that only tokenizes padded batches: sort by characters
         for batch in length_sorted_batches(texts, batch_size):
             tokens = tower.tokenize([texts[i] for i in batch])
@@ -38,7 +82,7 @@ def encode_texts(encoder: SideEncoder, texts: list[str], batch_size: int = 64) -
     return out
 
 
-def _token_ids(tower, texts: list[str]) -> list[list[int]] | None:
+def token_ids(tower, texts: list[str]) -> list[list[int]] | None:
     """Unpadded token ids of every text, or None if the tower cannot tokenize without padding."""
     if "pad" not in inspect.signature(tower.tokenize).parameters or not texts:
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mlilt.encode import run_in_length_groups
 from mlilt.towers.layout import find_layout
 from mlilt.towers.text import HFTextTower
 
@@ -106,9 +107,14 @@ class PrefixCache:
                 self._self_check(key, indices, captions, device)
             if any((key, i) not in self.states for i in indices):  # the limit was reached or the check failed
                 return self._whole_tower(captions, device)
-        hidden, attention_mask = self._padded([self.states[(key, i)] for i in indices], device)
-        hidden = _run_layers(self.layers[self.cut:], hidden, attention_mask)
-        return _pool(self.tower, hidden, attention_mask)
+        states = [self.states[(key, i)] for i in indices]
+        return run_in_length_groups([len(state) for state in states],
+                                    lambda group: self._top([states[j] for j in group], device))
+
+    def _top(self, states: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Pooled features from cached states: blocks ``cut``.. only."""
+        hidden, attention_mask = self._padded(states, device)
+        return _pool(self.tower, _run_layers(self.layers[self.cut:], hidden, attention_mask), attention_mask)
 
     def _whole_tower(self, captions: list[str], device: torch.device) -> torch.Tensor:
         tokens = self.tower.tokenize(captions)
@@ -136,8 +142,7 @@ class PrefixCache:
         self.checked = True
         if any((key, i) not in self.states for i in indices):
             return
-        hidden, attention_mask = self._padded([self.states[(key, i)] for i in indices], device)
-        split = _pool(self.tower, _run_layers(self.layers[self.cut:], hidden, attention_mask), attention_mask)
+        split = self._top([self.states[(key, i)] for i in indices], device)
         whole = self._whole_tower(captions, device)
         scale = whole.abs().max().clamp_min(1.0)
         if not torch.allclose(split, whole, atol=SELF_CHECK_TOLERANCE * float(scale), rtol=0):

@@ -26,10 +26,11 @@ from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id, load_image
 from mlilt.data.pairs import PairSet, read_pairs
 from mlilt.distributed import Ranks
-from mlilt.grad_checkpoint import checkpoint_blocks
-from mlilt.encode import length_sorted_batches
+from mlilt.encode import length_sorted_batches, pad_batch, run_in_length_groups, token_ids
 from mlilt.errors import DataError, UsageError
 from mlilt.evaluation.retrieval import retrieval_metrics
+from mlilt.grad_checkpoint import checkpoint_blocks
+from mlilt.lean_backward import keep_less
 from mlilt.methods import MethodReport
 from mlilt.model import ContrastiveModel, SideEncoder, contrastive_loss, image_side_id
 from mlilt.packs import PACK_CONFIG, Pack, PackConfig, read_pack, save_pack
@@ -158,9 +159,10 @@ def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, P
     if config.anchor:
         anchor = read_pack(config.anchor)
         sides["image"] = image_side_of(anchor, image_tower)
-    if config.grad_checkpointing:
-        for encoder in sides.values():
-            if encoder.tower_trains():
+    for encoder in sides.values():
+        if encoder.tower_trains():
+            keep_less(encoder.tower)  # exact: frozen convolutions keep no inputs for the backward pass
+            if config.grad_checkpointing:
                 checkpoint_blocks(encoder.tower)
     return ContrastiveModel(sides["text"], sides["image"]), report, anchor
 
@@ -178,8 +180,16 @@ class TextSource:
         captions = [split.captions[i] for i in indices]
         if self.cache is not None:
             return self.encoder.project(self.cache.features(name, indices, captions, self.device))
-        tokens = self.encoder.tower.tokenize(captions)
-        return self.encoder(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+        tower = self.encoder.tower
+        ids = token_ids(tower, captions)
+        if ids is None:  # a tower that only tokenizes padded batches
+            tokens = tower.tokenize(captions)
+            return self.encoder(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+
+        def run(group: list[int]) -> torch.Tensor:
+            input_ids, attention_mask = pad_batch([ids[i] for i in group], tower.tokenizer)
+            return self.encoder(input_ids.to(self.device), attention_mask.to(self.device))
+        return run_in_length_groups([len(row) for row in ids], run)  # same embeddings, less padding
 
     def describe(self) -> str | None:
         """What the prefix cache holds; None when the method cannot use one (nothing to report)."""

@@ -1,0 +1,105 @@
+"""Keep less for the backward pass of a tower that trains only a few parameters.
+
+Autograd saves, for every convolution, its input: the weight gradient needs it. When the
+weight is frozen only the input gradient is wanted, and that needs the weight alone, yet
+PyTorch keeps the input all the same. In a CNN whose BatchNorm scales train (``ln``), that is
+a third of everything kept. Two exact changes, made on a training copy only:
+
+- ``lean_convolutions``: convolutions with frozen weights keep nothing but the weight;
+- ``recompute_norm_activations``: fused norm + activation modules (timm's ``BatchNormAct2d``)
+  keep only their input and recompute the cheap elementwise forward in the backward pass,
+  instead of keeping the norm's input and the activation's output.
+
+Gradients are bit for bit the same (``tests/test_lean_backward.py``). Like the gradient
+checkpointing wrapper, both are set on a module's ``forward`` attribute: names and packs are
+unchanged, and evaluation (no gradient) runs the plain forward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
+
+
+def keep_less(tower: nn.Module) -> tuple[int, int]:
+    """Both changes on a training copy: (lean convolutions, recomputed norm + activations)."""
+    return lean_convolutions(tower), recompute_norm_activations(tower)
+
+
+def lean_convolutions(tower: nn.Module) -> int:
+    """Frozen 2-D convolutions of ``tower`` stop keeping their inputs; returns how many."""
+    convs = [m for m in tower.modules() if isinstance(m, nn.Conv2d) and not _trains(m)]
+    for conv in convs:
+        conv.forward = _wrap(conv.forward, _with_lean_conv2d)
+    return len(convs)
+
+
+def recompute_norm_activations(tower: nn.Module) -> int:
+    """Fused norm + activation modules whose parameters train recompute their forward in the
+    backward pass, keeping only their input; returns how many."""
+    found = [m for m in tower.modules() if "NormAct" in type(m).__name__ and _trains(m)]
+    for module in found:
+        module.forward = _wrap(module.forward, _checkpointed)
+    return len(found)
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _wrap(forward: Callable, training_forward: Callable) -> Callable:
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation: nothing is kept anyway
+            return forward(*args, **kwargs)
+        return training_forward(forward, *args, **kwargs)
+    return run
+
+
+def _checkpointed(forward: Callable, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _with_lean_conv2d(forward: Callable, *args, **kwargs):
+    # The module's own forward runs unchanged (timm's Conv2dSame pads first); only the
+    # conv2d call inside it is swapped.
+    with _LeanConv2d():
+        return forward(*args, **kwargs)
+
+
+class _LeanConv2d(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            return conv2d_keeping_weight_only(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def conv2d_keeping_weight_only(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``torch.conv2d``; when only the input needs a gradient, autograd keeps just the weight."""
+    lean = (torch.is_grad_enabled() and input.requires_grad and not weight.requires_grad
+            and (bias is None or not bias.requires_grad) and not isinstance(padding, str))
+    if not lean:
+        return torch.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return _FrozenConv2d.apply(input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
+
+
+class _FrozenConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight)  # a parameter: saving it copies nothing
+        ctx.input_shape = input.shape
+        ctx.settings = (stride, padding, dilation, groups)
+        return torch.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.settings
+        shape_only = grad.new_empty(1).expand(ctx.input_shape)  # the input's shape, no storage
+        grad_input = torch.ops.aten.convolution_backward(grad, shape_only, weight, None, stride, padding, dilation,
+                                                         False, [0, 0], groups, (True, False, False))[0]
+        return grad_input, None, None, None, None, None, None

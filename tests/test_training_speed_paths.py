@@ -1,0 +1,186 @@
+"""The fast paths of training compute what the plain paths compute.
+
+A training batch runs its captions in groups of similar length (less padding), frozen
+convolutions keep no inputs for the backward pass, fused norm + activation modules recompute
+their forward, and CNN towers run channels-last. These tests check that embeddings and
+gradients stay the same and that less is kept, not timings (those are in benchmarks/perf).
+"""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from timm.layers import BatchNormAct2d, Conv2dSame
+from torch import nn
+
+from mlilt import encode
+from mlilt.build import build_sides
+from mlilt.encode import length_groups, run_in_length_groups
+from mlilt.lean_backward import keep_less
+from mlilt.model import SideEncoder
+from mlilt.train import Split, TextSource
+from mlilt.train_config import TrainConfig
+from tiny_towers import IMAGE_TOWERS, tiny_text_tower, tiny_timm_cnn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CAPTIONS = ["red", "a large red circle left and a small blue square right", "star", "a a a",
+            "green triangle top", "kubwa ndogo nyekundu bluu duara mraba na", "blue",
+            "a small yellow star bottom and a large green circle top and a red square left", "a a a a a a",
+            "triangle top left"]
+
+
+def _padded_cost(lengths, groups):
+    return sum(len(group) * max(lengths[i] for i in group) for group in groups)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_groups_cover_every_position_once_and_cost_no_more_than_one_batch(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(3, 60) for _ in range(rng.randint(1, 80))]
+    for call_tokens in (0, 16, 96, 10**6):
+        groups = length_groups(lengths, call_tokens)
+        assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+        spans = [(min(lengths[i] for i in g), max(lengths[i] for i in g)) for g in groups]
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "groups are runs of the sorted lengths"
+        cost = _padded_cost(lengths, groups) + call_tokens * len(groups)
+        assert cost <= len(lengths) * max(lengths) + call_tokens
+    assert len(length_groups(lengths, 10**6)) == 1  # a call dearer than any padding: one batch
+    assert len(length_groups(lengths, 0)) == len(set(lengths))  # free calls: no padding at all
+
+
+def test_length_groups_split_where_padding_costs_more_than_a_call():
+    assert length_groups([10, 40, 10, 40], call_tokens=20) == [[0, 2], [1, 3]]  # saves 60 padded positions
+    assert length_groups([10, 40, 10, 40], call_tokens=100) == [[0, 2, 1, 3]]  # one group, sorted
+
+
+def test_run_in_length_groups_returns_rows_in_input_order():
+    lengths = [5, 1, 9, 1, 5, 9, 2]
+    rows = run_in_length_groups(lengths, lambda group: torch.tensor([[float(lengths[i]), i] for i in group]))
+    assert rows[:, 1].tolist() == list(range(len(lengths)))
+    assert rows[:, 0].tolist() == [float(n) for n in lengths]
+
+
+def _text_side(method: str) -> SideEncoder:
+    sides, _ = build_sides({"text": tiny_text_tower()}, method, 16, seed=0)
+    return sides["text"]
+
+
+def test_a_training_batch_in_length_groups_gives_the_one_batch_embeddings_and_gradients(tmp_path, monkeypatch):
+    encoder = _text_side("ln+adapter")
+    lengths = [len(row) for row in encoder.tower.tokenize(CAPTIONS, pad=False)["input_ids"]]
+    monkeypatch.setattr(encode, "GROUP_CALL_TOKENS", 4)  # the tiny tower's batch is too small to split otherwise
+    assert len(length_groups(lengths)) > 1
+    config = TrainConfig(lang="sw", data="unused", out=str(tmp_path / "pack"), cache_text=False)
+    split = Split(CAPTIONS, list(range(len(CAPTIONS))), [], [])
+    results = {}
+    for grouped in (True, False):
+        encoder.zero_grad()
+        if grouped:
+            out = TextSource(encoder, config).embed("train", split, list(range(len(CAPTIONS))))
+        else:  # the plain path: one batch padded to its longest caption
+            tokens = encoder.tower.tokenize(CAPTIONS)
+            out = encoder(tokens["input_ids"], tokens["attention_mask"])
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results[grouped] = out.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.requires_grad}
+    (grouped_out, grouped_grads), (plain_out, plain_grads) = results[True], results[False]
+    assert torch.allclose(grouped_out, plain_out, atol=1e-5)
+    assert grouped_grads.keys() == plain_grads.keys() and grouped_grads
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grouped_grads[name], grad, atol=1e-5), name
+
+
+def _saved_bytes(run):
+    """Bytes of distinct tensors autograd keeps for the backward pass (parameters excluded)."""
+    seen = {}
+
+    def pack(tensor):
+        if not isinstance(tensor, nn.Parameter) and tensor.numel():
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = run()
+    return sum(seen.values()), out
+
+
+def _same_pad_cnn() -> nn.Module:
+    """timm's TF-style blocks: a 'same'-padded strided convolution (pads in its own forward),
+    fused BatchNorm + ReLU6, a depthwise convolution, a residual."""
+    torch.manual_seed(5)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = Conv2dSame(3, 8, 3, stride=2, bias=False)
+            self.bn1 = BatchNormAct2d(8, act_layer=nn.ReLU6)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+            self.bn2 = BatchNormAct2d(8, act_layer=nn.ReLU6)
+            self.pw = nn.Conv2d(8, 8, 1, bias=False)
+
+        def forward(self, x):
+            x = self.bn1(self.stem(x))
+            return (self.pw(self.bn2(self.dw(x))) + x).mean((2, 3))
+
+    model = Block().eval()
+    for bn in (model.bn1, model.bn2):  # non-trivial running statistics, as in a trained CNN
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    model.requires_grad_(False)
+    for bn in (model.bn1, model.bn2):
+        bn.weight.requires_grad_(True)
+        bn.bias.requires_grad_(True)
+    return model
+
+
+def _tiny_cnn_ln() -> nn.Module:
+    sides, _ = build_sides({"image": tiny_timm_cnn()}, "ln", 8, seed=0)
+    return sides["image"]
+
+
+@pytest.mark.parametrize("build", [_same_pad_cnn, _tiny_cnn_ln])
+def test_lean_backward_keeps_less_and_gives_bit_identical_gradients(build):
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = build()
+    lean = copy.deepcopy(plain)
+    convs, norm_acts = keep_less(lean)
+    assert convs >= 2 and norm_acts >= 2
+    assert [n for n, _ in lean.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    runs = {}
+    for name, model in (("plain", plain), ("lean", lean)):
+        saved, out = _saved_bytes(lambda: model(pixels))
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        runs[name] = saved, out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    (plain_saved, plain_out, plain_grads), (lean_saved, lean_out, lean_grads) = runs["plain"], runs["lean"]
+    assert lean_saved < 0.6 * plain_saved, (lean_saved, plain_saved)
+    assert torch.equal(lean_out, plain_out)
+    assert lean_grads.keys() == plain_grads.keys() and lean_grads
+    for name, grad in plain_grads.items():
+        assert torch.equal(lean_grads[name], grad), name
+    with torch.no_grad():  # evaluation takes the plain forward
+        assert torch.equal(lean(pixels), plain(pixels))
+
+
+def test_lean_backward_leaves_trained_convolutions_alone():
+    model = _same_pad_cnn()
+    model.pw.weight.requires_grad_(True)  # this convolution's weight gradient needs its input
+    convs, _ = keep_less(model)
+    assert convs == 2
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert model.pw.weight.grad is not None and model.pw.weight.grad.abs().sum() > 0
+
+
+def test_a_cnn_tower_runs_channels_last_with_the_same_output():
+    tower = tiny_timm_cnn()
+    assert tower.channels_last
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    contiguous = copy.deepcopy(tower.model).to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        assert torch.allclose(tower(pixels), contiguous(pixels), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(set(IMAGE_TOWERS) - {"timm-cnn"}))
+def test_transformer_towers_keep_their_layout(family):
+    assert not IMAGE_TOWERS[family]().channels_last  # one patch-embedding convolution: nothing to gain
