@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mlilt import distributed
+from mlilt.allocator import use_huge_pages
 from mlilt.api import image_side_of
 from mlilt.build import build_sides
 from mlilt.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
@@ -30,7 +31,7 @@ from mlilt.encode import length_sorted_batches, pad_batch, run_in_length_groups,
 from mlilt.errors import DataError, UsageError
 from mlilt.evaluation.retrieval import retrieval_metrics
 from mlilt.grad_checkpoint import checkpoint_blocks
-from mlilt.lean_backward import keep_less
+from mlilt.lean_backward import lean_convolutions, recompute_norm_activations
 from mlilt.methods import MethodReport
 from mlilt.model import ContrastiveModel, SideEncoder, contrastive_loss, image_side_id
 from mlilt.packs import PACK_CONFIG, Pack, PackConfig, read_pack, save_pack
@@ -74,7 +75,9 @@ class TrainResult:
 
 
 def train(config: TrainConfig, console=None) -> TrainResult:
-    """Train one pack; under ``torchrun`` every process calls this and rank 0 writes the pack."""
+    """Train one pack; under ``torchrun`` every process calls this and rank 0 writes the pack.
+    Large tensors go on huge pages from now on, if none was allocated yet (``mlilt.allocator``)."""
+    use_huge_pages()
     ranks = distributed.setup()
     try:
         return _train(config, console if ranks.is_main else None, ranks)
@@ -161,7 +164,9 @@ def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, P
         sides["image"] = image_side_of(anchor, image_tower)
     for encoder in sides.values():
         if encoder.tower_trains():
-            keep_less(encoder.tower)  # exact: frozen convolutions keep no inputs for the backward pass
+            lean_convolutions(encoder.tower)  # exact and free: frozen convolutions keep no inputs
+            if config.recompute_norms:
+                recompute_norm_activations(encoder.tower)
             if config.grad_checkpointing:
                 checkpoint_blocks(encoder.tower)
     return ContrastiveModel(sides["text"], sides["image"]), report, anchor

@@ -33,7 +33,22 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} CPU cores ({model}), torch {torch.__version__}, Python {platform.python_version()}"
+    flags = _cpu_flags()
+    extras = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
+    vector = f"{torch.backends.cpu.get_cpu_capability()}{''.join(' + ' + e for e in extras)}"
+    return (f"{os.cpu_count()} CPU cores ({model}, {vector}), torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); bf16 speed depends on them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def median(values: list[float]) -> float:

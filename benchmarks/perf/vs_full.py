@@ -4,7 +4,7 @@
                                       [--pairs 500] [--warmup 2]
 
 A method may carry training options after a slash: ``ln/ckpt`` (``--grad-checkpointing``),
-``ln+adapter/bf16`` (``--bf16``), ``ln/ckpt/bf16``.
+``ln/norms`` (``--recompute-norms``), ``ln+adapter/bf16`` (``--bf16``), ``ln/ckpt/bf16``.
 
 Issue 6, target 2: ``ln``, ``ln+adapter`` and ``lora`` steps should take at most 0.5x the
 time of a ``full`` step and at most 0.4x its peak memory. Same towers (the offline pair),
@@ -32,11 +32,13 @@ from _common import (REPO, demo_data, emit, machine, median, peak_rss_mb, reset_
                      rss_mb, run_child, steady, table)
 
 DEFAULT_METHODS = "ln,ln+adapter,lora"
-FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing"}  # METHOD/bf16, METHOD/ckpt: training options
+FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing", "norms": "recompute_norms"}  # METHOD/FLAG: training options
 
 
 def run_method(args) -> dict:
     """Child: one epoch of ``mlilt.train.train`` with this method; each step timed, memory taken."""
+    from mlilt.allocator import use_huge_pages
+    use_huge_pages()  # as the mlilt command does, before any tensor
     import mlilt.train as training
     from mlilt.towers.registry import load_image_tower, load_text_tower
     from mlilt.train_config import TrainConfig
@@ -71,7 +73,7 @@ def timed_training(training) -> tuple[list[float], list[float], dict]:
     step, prepare = training._step, training.ImageSource.prepare
 
     def timed_step(model, split, sources, batch, params, *rest, **kw):
-        seen["tokens"].append(len(model.text.tower.tokenize([split.captions[i] for i in batch])["input_ids"][0]))
+        seen["tokens"].append(token_positions(model.text.tower, [split.captions[i] for i in batch]))
         seen["trainable"] = sum(p.numel() for p in params)
         started, cpu = time.perf_counter(), time.process_time()
         out = step(model, split, sources, batch, params, *rest, **kw)
@@ -87,6 +89,15 @@ def timed_training(training) -> tuple[list[float], list[float], dict]:
 
     training._step, training.ImageSource.prepare = timed_step, timed_prepare
     return times, one_off, seen
+
+
+def token_positions(tower, captions: list[str]) -> tuple[int, int, int]:
+    """Caption token positions a step runs in length groups, in one padded batch, and real tokens."""
+    from mlilt.encode import length_groups
+
+    lengths = [len(row) for row in tower.tokenize(captions, pad=False)["input_ids"]]
+    grouped = sum(len(group) * max(lengths[i] for i in group) for group in length_groups(lengths))
+    return grouped, len(lengths) * max(lengths), sum(lengths)
 
 
 def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
@@ -152,10 +163,11 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="mlilt-perf-"))
     pairs_file = demo_data(work / "demo", ["sw"], args.pairs) / "sw" / "train.jsonl"
     results = measure(__file__, work, pairs_file, args)
-    tokens = [t for r in results for t in r["tokens"]]
+    grouped, padded, real = zip(*[t for r in results for t in r["tokens"]])
     print(f"\nmachine: {machine()}")
-    print(f"{args.threads} torch thread(s) per run; batch {args.batch_size}, caption tokens per batch (padded to the longest): "
-          f"median {median(tokens):.0f}, max {max(tokens)}; median over steps after the first {args.warmup}\n")
+    print(f"{args.threads} torch thread(s) per run; batch {args.batch_size}; caption token positions per batch, "
+          f"median: {median(grouped):.0f} in length groups, {median(padded):.0f} as one batch padded to its longest, "
+          f"{median(real):.0f} real tokens; median over steps after the first {args.warmup}\n")
     print(report(results, args))
 
 

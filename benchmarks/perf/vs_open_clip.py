@@ -1,7 +1,7 @@
 """Training throughput, mlilt vs open_clip's own trainer, on the same towers, data and batch.
 
     python benchmarks/perf/vs_open_clip.py [--pairs 400] [--batch-size 32] [--epochs 3] [--warmup 3]
-        [--runs ln+adapter,ln+adapter+top:4,full-text]
+        [--runs ln+adapter,ln+adapter+top:4,full-text] [--precision fp32|bf16]
 
 Issue 6, target 1. Each run in its own process, one after the other; a run that two
 comparisons share runs once:
@@ -23,7 +23,8 @@ The towers are the offline pair, expressed for open_clip as a model config: timm
 Hugging Face text tower on the converted me5-small folder (mean pooling, linear projection),
 256-d like mlilt's default. The same demo pairs feed both, as JSONL for mlilt and as a CSV
 for open_clip; captions carry me5's ``query: `` prefix on both sides. open_clip runs on CPU
-with ``--device cpu --precision fp32 --workers 1``; its own log gives the samples/s of every
+with ``--device cpu --precision fp32 --workers 1``; with ``--precision bf16`` both sides run
+under bfloat16 autocast (open_clip ``--precision amp_bf16``, mlilt ``--bf16``). Its own log gives the samples/s of every
 step (``--log-every-n-steps 1``), mlilt's is timed around its optimizer step. A step's time
 is from one batch to the next: data loading, forward, backward, optimizer.
 Per epoch group (the first epoch, the later ones) the median step after ``--warmup`` steps of
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, demo_data, emit, machine, median, run_child, steady, table  # noqa: E402
 
 MODEL_NAME = "mlilt-offline-pair"
+OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}  # --precision here -> open_clip's own
 OPEN_CLIP_STEP = re.compile(r"Train Epoch: \d+ \[.*?Batch \(t\): [\d.]+, ([\d.]+)/s,")
 
 
@@ -113,7 +115,8 @@ def run_open_clip(args) -> dict:
     argv = ["--train-data", str(work / "pairs.csv"), "--dataset-type", "csv", "--csv-img-key", "filepath",
             "--csv-caption-key", "title", "--model", MODEL_NAME, "--pretrained", str(checkpoint),
             "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", "1e-3", "--warmup", "1",
-            "--workers", str(args.workers), "--device", "cpu", "--precision", "fp32", "--seed", "0",
+            "--workers", str(args.workers), "--device", "cpu", "--precision", OPEN_CLIP_PRECISION[args.precision],
+            "--seed", "0",
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
             "--log-every-n-steps", "1", "--image-mean", "0.5", "0.5", "0.5",
             "--image-std", "0.5", "0.5", "0.5", "--logs", str(logs), "--name", "run", *locks]
@@ -148,6 +151,8 @@ def cpu_seconds() -> float:
 
 def run_mlilt(args) -> dict:
     """Child: mlilt.train.train on the same pairs; each optimizer step timed end to end."""
+    from mlilt.allocator import use_huge_pages
+    use_huge_pages()  # as the mlilt command does, before any tensor
     import mlilt.train as training
     from mlilt.train_config import TrainConfig
 
@@ -172,7 +177,7 @@ def run_mlilt(args) -> dict:
     out = Path(tempfile.mkdtemp(dir=args.work, prefix="mlilt_pack_")) / "pack"
     config = TrainConfig(lang="sw", data=args.pairs_file, out=str(out), method=args.method,
                          anchor=args.anchor or None, epochs=args.epochs, batch_size=args.batch_size,
-                         holdout=args.holdout, checkpoint_every=0)
+                         holdout=args.holdout, checkpoint_every=0, bf16=args.precision == "bf16")
     started = time.perf_counter()
     training.train(config)
     seconds = time.perf_counter() - started
@@ -215,8 +220,9 @@ def measure(script: str, work: Path, pairs_file: Path, args) -> tuple[dict[str, 
     each comparison's sides (A B, B A, ...) so that a slow patch of a shared machine does not
     land on one side only. Returns results by run label and the (mlilt, open_clip) pairs."""
     common = ["--work", str(work), "--pairs-file", str(pairs_file), "--batch-size", str(args.batch_size),
-              "--workers", str(args.workers), "--epochs", str(args.epochs)]
+              "--workers", str(args.workers), "--epochs", str(args.epochs), "--precision", args.precision]
     env = {"MLILT_CACHE": str(work / "mlilt_cache"), "OMP_NUM_THREADS": str(args.threads)}
+    open_clip_env = {**env, "THP_MEM_ALLOC_ENABLE": "1"} if args.open_clip_huge_pages else env
     pairs = [pair for name in args.runs.split(",") for pair in COMPARISONS[name]]
     merged: dict[str, dict] = {}
     for repeat in range(args.repeat):
@@ -224,7 +230,8 @@ def measure(script: str, work: Path, pairs_file: Path, args) -> tuple[dict[str, 
             for label in (pair if repeat % 2 == 0 else pair[::-1]):
                 if len(merged.get(label, {}).get("runs", [])) > repeat:
                     continue  # shared with a comparison that already ran it this round
-                result = run_child(script, common + [a.format(anchor=args.anchor) for a in RUN_ARGS[label]], env=env)
+                child = common + [a.format(anchor=args.anchor) for a in RUN_ARGS[label]]
+                result = run_child(script, child, env=open_clip_env if "open_clip" in child else env)
                 print(f"{label}: {len(result['step_s'])} steps, one-off {result['one_off_s']:.1f} s, "
                       f"{result['seconds']:.0f} s in all", flush=True)
                 merged.setdefault(label, {"label": label, "runs": []})["runs"].append(result)
@@ -288,6 +295,10 @@ def main() -> None:
                         help=f"comparisons to run: {', '.join(COMPARISONS)}")
     parser.add_argument("--epochs", type=int, default=3,
                         help="epochs per run (the text prefix cache pays from the 2nd)")
+    parser.add_argument("--precision", choices=sorted(OPEN_CLIP_PRECISION), default="fp32",
+                        help="both sides: fp32, or bfloat16 autocast (fast only on GPUs and CPUs with AMX/AVX512-BF16)")
+    parser.add_argument("--open-clip-huge-pages", action="store_true",
+                        help="give open_clip the huge-page setting mlilt uses (THP_MEM_ALLOC_ENABLE=1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side, alternating which side goes first")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
@@ -307,7 +318,7 @@ def main() -> None:
     results, pairs = measure(__file__, work, pairs_file, args)
     print(f"\nmachine: {machine()}")
     print(f"pairs: {len(pairs_file.read_text().splitlines())}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"{args.threads} torch thread(s), median over the steps after the first {args.warmup} of each epoch, "
+          f"{args.precision}, {args.threads} torch thread(s), median over the steps after the first {args.warmup} of each epoch, "
           f"{args.repeat} run(s) per side\n")
     print(report(results, pairs, args))
 
