@@ -52,10 +52,22 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_vit_towers():
     """Tiny BERT + tiny timm ViT registered under their specs for one module, then unregistered."""
-    from mlilt.towers import registry
     from tiny_towers import tiny_text_tower, tiny_timm_vit
 
-    text, image = tiny_text_tower(), tiny_timm_vit()
+    yield from _registered(tiny_text_tower(), tiny_timm_vit())
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn_towers():
+    """Tiny BERT + tiny timm CNN (BatchNorm + activation blocks) registered for one module."""
+    from tiny_towers import tiny_text_tower, tiny_timm_cnn
+
+    yield from _registered(tiny_text_tower(), tiny_timm_cnn())
+
+
+def _registered(text, image):
+    from mlilt.towers import registry
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(registry._registered_text, text.spec, None)
         patch.setitem(registry._loaded, ("image", image.spec), None)

@@ -171,19 +171,6 @@ def test_lean_backward_keeps_less_and_gives_bit_identical_gradients(build, norms
         assert torch.equal(lean(pixels), plain(pixels))
 
 
-@pytest.fixture(scope="module")
-def tiny_cnn_towers():
-    """Tiny BERT + tiny timm CNN registered under their specs for this module."""
-    from mlilt.towers import registry
-    text, image = tiny_text_tower(), tiny_timm_cnn()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(registry._registered_text, text.spec, None)
-        patch.setitem(registry._loaded, ("image", image.spec), None)
-        registry.register_tower(text)
-        registry.register_tower(image)
-        yield
-
-
 def test_training_with_recomputed_norms_writes_the_same_pack(tiny_cnn_towers, tmp_path):
     generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
     packs = {}
