@@ -9,6 +9,7 @@ writes checkpoints and the pack.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlilt import distributed
 from mlilt.allocator import use_huge_pages
@@ -331,7 +333,7 @@ def _step(model, split: Split, sources, batch: list[int], params, optimizer, con
     non-finite) with no step taken. Every rank sees the same loss and the same gradient."""
     texts, images = sources
     local = ranks.local_slice(batch)
-    with torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+    with _precision(config.bf16, ranks.device):
         text = ranks.gather(texts.embed("train", split, local).float())
         image = ranks.gather(images.embed("train", split, [split.caption_image[i] for i in local]).float())
         loss = contrastive_loss(text, image, model.scale())
@@ -346,6 +348,18 @@ def _step(model, split: Split, sources, batch: list[int], params, optimizer, con
         return None, f"the gradient norm became {norm.item()}"
     optimizer.step()
     return loss.item(), None
+
+
+def _precision(bf16: bool, device: torch.device) -> contextlib.ExitStack:
+    """bfloat16 autocast with ``--bf16``. On a CPU attention then runs PyTorch's math kernel:
+    the flash kernel's bf16 backward took 7x its fp32 time on an AMX CPU, and the whole
+    anchored ln+adapter step went from 0.92 s to 0.60 s with this (benchmarks/perf/README.md)."""
+    stack = contextlib.ExitStack()
+    if bf16:
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        if device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
 
 
 def _optimizer(model: ContrastiveModel, config: TrainConfig) -> torch.optim.Optimizer:
