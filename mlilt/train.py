@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mlilt import distributed
 from mlilt.allocator import use_huge_pages
 from mlilt.api import image_side_of
+from mlilt.bf16_weights import cache_bf16_weights
 from mlilt.build import build_sides
 from mlilt.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
                               remove_checkpoint, save_checkpoint)
@@ -165,6 +166,8 @@ def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, P
         anchor = read_pack(config.anchor)
         sides["image"] = image_side_of(anchor, image_tower)
     for encoder in sides.values():
+        if config.bf16:
+            cache_bf16_weights(encoder.tower)  # one cast per frozen weight, not one per step
         if encoder.tower_trains():
             lean_convolutions(encoder.tower)  # exact and free: frozen convolutions keep no inputs
             if config.recompute_norms:

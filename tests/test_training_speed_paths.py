@@ -21,6 +21,7 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
 from mlilt import encode
+from mlilt.bf16_weights import cache_bf16_weights
 from mlilt.build import build_sides
 from mlilt.data.demo import generate_demo
 from mlilt.encode import length_groups, run_in_length_groups
@@ -239,3 +240,25 @@ def test_large_activations_fault_in_huge_pages_not_4k_pages():
     pages = 10 * 2**26 // 4096  # ten 64 MiB tensors in 4 KiB pages
     assert faults["default"][1] >= pages // 2  # glibc alone: every allocation faults its pages in again
     assert faults[""][1] < pages // 10  # huge pages: a fault per 2 MiB
+
+
+def test_frozen_weights_cast_once_give_autocasts_own_bf16_result():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    plain.requires_grad_(False)
+    plain[2].weight.requires_grad_(True)  # a trained layer: autocast already keeps its cast
+    cached = copy.deepcopy(plain)
+    assert cache_bf16_weights(cached) == 1
+    x = torch.randn(4, 16)
+    outs = {}
+    for name, model in (("plain", plain), ("cached", cached)):
+        for _ in range(2):  # the second call reuses the cast
+            inputs = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(inputs)
+            out.float().square().sum().backward()
+        outs[name] = out, inputs.grad, model[2].weight.grad
+    assert outs["cached"][0].dtype == torch.bfloat16
+    for got, wanted in zip(outs["cached"], outs["plain"]):
+        assert torch.equal(got, wanted)
+    assert torch.equal(cached(x), plain(x))  # without autocast: the fp32 layer, as before
