@@ -4,7 +4,9 @@
                                       [--pairs 500] [--warmup 2]
 
 A method may carry training options after a slash: ``ln/ckpt`` (``--grad-checkpointing``),
-``ln/norms`` (``--recompute-norms``), ``ln+adapter/bf16`` (``--bf16``), ``ln/ckpt/bf16``.
+``ln/norms`` (``--recompute-norms``), ``ln+adapter/bf16`` (``--bf16``), ``ln/ckpt/bf16``, and
+``ln+adapter/groups:N`` (a caption length group priced at N token positions, ``mlilt.encode``;
+``groups:off``: every batch runs as one, padded to its longest caption).
 
 Issue 6, target 2: ``ln``, ``ln+adapter`` and ``lora`` steps should take at most 0.5x the
 time of a ``full`` step and at most 0.4x its peak memory. Same towers (the offline pair),
@@ -44,9 +46,11 @@ def run_method(args) -> dict:
     from mlilt.train_config import TrainConfig
 
     method, *flags = args.method.split("/")
+    flags = [flag for flag in flags if not set_group_call_tokens(flag)]
     unknown = set(flags) - set(FLAGS)
     if unknown:
-        raise SystemExit(f"{args.method}: unknown option {', '.join(sorted(unknown))}; known: {', '.join(FLAGS)}")
+        raise SystemExit(f"{args.method}: unknown option {', '.join(sorted(unknown))}; known: {', '.join(FLAGS)}, "
+                         f"groups:N, groups:off")
     config = TrainConfig(lang="sw", data=args.pairs_file, out=str(Path(tempfile.mkdtemp(dir=args.work)) / "pack"),
                          method=method, anchor=args.anchor or None, epochs=1, batch_size=args.batch_size,
                          holdout=2, checkpoint_every=0, **{FLAGS[flag]: True for flag in flags})
@@ -63,6 +67,17 @@ def run_method(args) -> dict:
             "peak_mb": peak_rss_mb() if reset else float("nan"), "cached": seen["cached"],
             "one_off_s": sum(one_off), "tokens": seen["tokens"], "trainable": seen["trainable"], "seconds": seconds,
             "cpu_s": seen["cpu_s"]}
+
+
+def set_group_call_tokens(flag: str) -> bool:
+    """``groups:N`` prices a caption length group at N token positions (``mlilt.encode``);
+    ``groups:off`` runs every batch as one. Returns whether ``flag`` was such an option."""
+    if not flag.startswith("groups:"):
+        return False
+    from mlilt import encode
+    value = flag.split(":", 1)[1]
+    encode.GROUP_CALL_TOKENS = 10**9 if value == "off" else int(value)
+    return True
 
 
 def timed_training(training) -> tuple[list[float], list[float], dict]:
@@ -101,7 +116,7 @@ def token_positions(tower, captions: list[str]) -> tuple[int, int, int]:
 
 
 def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
-    plan = [("full", "")] + [(m, "") for m in args.methods.split(",")]
+    plan = [("full", "")] + [(m, "") for m in args.methods.split(",") if m]
     if args.anchor:
         plan += [(m, args.anchor) for m in args.anchored_methods.split(",") if m]
     results = []

@@ -36,7 +36,8 @@ def train_command(
     pooling: Annotated[Optional[str], typer.Option(help="Text pooling: mean or cls (default: the tower's).")] = None,
     text_prefix: Annotated[Optional[str], typer.Option(help="Prepended to every caption (me5-small: 'query: ').")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, split and order.")] = 0,
-    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast.")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast: for GPUs and CPUs with AMX; "
+                                                      "emulated and slow on other CPUs.")] = False,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing",
                                                      help="Recompute the activations of each block of a trained "
                                                           "tower in the backward pass instead of keeping them: "
