@@ -1,0 +1,166 @@
+"""The single levers behind the training-step figures, each measured on its own.
+
+    python benchmarks/perf/levers.py [--repeats 3] [--batch-size 32]
+
+On the offline towers, one process, one torch thread, CPU seconds (median of ``--repeats``):
+
+* image: effnet-lite0 with ``ln`` over a batch of images, contiguous vs channels-last layout
+  (forward with autograd, its backward, forward without autograd);
+* kept: what autograd keeps for that backward pass, by kind, plain / with frozen convolutions
+  keeping no inputs / with ``--recompute-norms`` as well;
+* attention: the text tower with ``ln+adapter`` over a batch of demo captions, forward and
+  backward, in fp32 and under bf16 autocast with the flash and the math attention kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import demo_data, machine, table  # noqa: E402
+
+
+def cpu_seconds(run, repeats: int) -> float:
+    """Median CPU seconds of ``run()`` after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        started = time.process_time()
+        run()
+        times.append(time.process_time() - started)
+    return statistics.median(times)
+
+
+def image_side(layout):
+    import torch
+    from mlilt.build import build_sides
+    from mlilt.towers.registry import load_image_tower
+
+    tower = load_image_tower("effnet-lite0")
+    side = build_sides({"image": tower}, "ln", 256, seed=0)[0]["image"]
+    if layout == "contiguous":
+        side.tower.channels_last = False
+        side.tower.model.to(memory_format=torch.contiguous_format)
+    return side
+
+
+def image_rows(args) -> list[list[str]]:
+    import torch
+    pixels = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for layout in ("contiguous", "channels_last"):
+        side = image_side(layout)
+        forward = cpu_seconds(lambda: side(pixels), args.repeats)
+        both = cpu_seconds(lambda: side(pixels).square().sum().backward(), args.repeats)
+        with torch.no_grad():
+            no_grad = cpu_seconds(lambda: side(pixels), args.repeats)
+        rows.append([layout, f"{forward:.2f}", f"{both - forward:.2f}", f"{no_grad:.2f}"])
+    return rows
+
+
+def kept_by_kind(side, pixels) -> dict[str, float]:
+    """MB of distinct tensors autograd keeps, by the backward node that keeps them."""
+    import torch
+    out = side(pixels)
+    kept: dict[str, float] = collections.Counter()
+    seen, stack, visited = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attr in dir(node):
+            value = getattr(node, attr) if attr.startswith("_saved_") else None
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.numel() > 1:
+                if (value.data_ptr(), value.numel()) not in seen:
+                    seen.add((value.data_ptr(), value.numel()))
+                    kept[type(node).__name__.replace("Backward0", "")] += value.numel() * value.element_size() / 2**20
+        stack += [child for child, _ in node.next_functions]
+    return kept
+
+
+def kept_rows(args) -> list[list[str]]:
+    """MB of distinct tensors autograd keeps (saved-tensor hooks see every one, checkpointed or
+    not); for the plain run also by the backward node that keeps them."""
+    import torch
+    from mlilt.lean_backward import lean_convolutions, recompute_norm_activations
+
+    pixels = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    base = image_side("channels_last")
+    rows = []
+    for name, levers in (("plain", ()), ("frozen convolutions keep no inputs", (lean_convolutions,)),
+                         ("+ --recompute-norms", (lean_convolutions, recompute_norm_activations))):
+        side = copy.deepcopy(base)
+        for lever in levers:
+            lever(side.tower)
+        hooked = {}
+
+        def pack(tensor):
+            if not isinstance(tensor, torch.nn.Parameter) and tensor.numel() > 1:
+                hooked[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size() / 2**20
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            side(pixels)
+        by_kind = kept_by_kind(side, pixels) if not levers else {}
+        rows.append([name, f"{sum(hooked.values()):,.0f}"] +
+                    [f"{by_kind[kind]:,.0f}" if kind in by_kind else "" for kind in KINDS])
+    return rows
+
+
+KINDS = ("Convolution", "NativeBatchNorm", "Hardtanh")
+
+
+def attention_rows(args) -> list[list[str]]:
+    import json
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mlilt.build import build_sides
+    from mlilt.towers.registry import load_text_tower
+
+    work = Path(tempfile.mkdtemp(prefix="mlilt-levers-"))
+    pairs = demo_data(work / "demo", ["sw"], max(50, args.batch_size * 2)) / "sw" / "train.jsonl"
+    captions = [json.loads(line)["caption"] for line in pairs.read_text().splitlines()][:args.batch_size]
+    side = build_sides({"text": load_text_tower("me5-small")}, "ln+adapter", 256, seed=0)[0]["text"]
+    tokens = side.tower.tokenize(captions)
+
+    def step():
+        side(tokens["input_ids"], tokens["attention_mask"]).float().square().sum().backward()
+
+    rows = []
+    for name, bf16, backend in (("fp32, flash attention", False, SDPBackend.FLASH_ATTENTION),
+                                ("bf16 autocast, flash attention", True, SDPBackend.FLASH_ATTENTION),
+                                ("bf16 autocast, math attention", True, SDPBackend.MATH)):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(backend):
+                step()
+        rows.append([name, f"{cpu_seconds(run, args.repeats):.3f}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    import torch
+    torch.set_num_threads(1)
+    from mlilt.allocator import use_huge_pages
+    use_huge_pages()  # as the mlilt command does
+    print(f"machine: {machine()}; 1 torch thread; batch {args.batch_size}; CPU s, median of {args.repeats}\n")
+    print(table(["image tower layout", "forward with autograd", "its backward", "forward without autograd"],
+                image_rows(args)), "\n", flush=True)
+    print(table(["what the image side keeps for its backward pass (MB)", "total"] +
+                [f"kept by {kind}" for kind in KINDS], kept_rows(args)), "\n", flush=True)
+    print(table(["text tower ln+adapter, one batch", "forward + backward CPU s"], attention_rows(args)))
+
+
+if __name__ == "__main__":
+    main()
