@@ -3,8 +3,8 @@
 glibc's malloc gives every large block a mapping of its own and returns it to the kernel
 when it is freed. A training step allocates the same activations every step, so every step
 takes a page fault for each 4 KiB of them, and the kernel zeroes each page: on the offline
-pair that was a quarter of an unanchored ``ln`` step's CPU time (benchmarks/perf/README.md,
-"allocator"). PyTorch can back allocations of 2 MiB and more with transparent huge pages
+pair over a quarter of the CPU time of a ``vs_full.py`` run was the kernel's
+(benchmarks/perf/README.md, "Huge pages for large tensors"). PyTorch can back allocations of 2 MiB and more with transparent huge pages
 (its ``THP_MEM_ALLOC_ENABLE`` setting): one fault per 2 MiB instead of 512.
 
 Keeping freed memory in the heap instead (glibc ``mallopt``: no mmap, no trim) was tried

@@ -2,8 +2,7 @@
 
 Autocast casts a weight to bfloat16 at every call and keeps the cast only for weights that
 require a gradient, so a frozen 12-layer text tower is cast again in every forward pass of
-every step (on the offline pair: a sixth of an anchored ``ln+adapter`` bf16 step on CPU).
-A frozen weight never changes: cast it once. Under autocast the result is the same tensor
+every step. A frozen weight never changes: cast it once. Under autocast the result is the same tensor
 autocast would have made; outside autocast (validation, evaluation) the layer runs as before.
 Set on a training copy's ``forward`` attribute, like the other wrappers: names and packs stay.
 """

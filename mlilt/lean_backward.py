@@ -10,9 +10,9 @@ a third of everything kept. Two exact changes, made on a training copy only:
 - ``recompute_norm_activations`` (``--recompute-norms``): fused norm + activation modules
   (timm's ``BatchNormAct2d``) keep only their input and recompute their elementwise forward in
   the backward pass, instead of keeping the norm's input and the activation's output. That
-  halves what is left, for about a fifth more step time on effnet-lite0 (benchmarks/perf).
+  halves what is left, for about a quarter more step time on effnet-lite0 (benchmarks/perf).
 
-Gradients are bit for bit the same (``tests/test_lean_backward.py``). Like the gradient
+Gradients are bit for bit the same (``tests/test_training_speed_paths.py``). Like the gradient
 checkpointing wrapper, both are set on a module's ``forward`` attribute: names and packs are
 unchanged, and evaluation (no gradient) runs the plain forward.
 """

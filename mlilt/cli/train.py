@@ -47,8 +47,8 @@ def train_command(
                                                   help="Fused norm + activation layers of a trained CNN keep only "
                                                        "their input and recompute the rest in the backward pass: "
                                                        "a lighter trade than --grad-checkpointing (measured: a "
-                                                       "quarter less memory for ln on effnet-lite0, a fifth more "
-                                                       "time).")] = False,
+                                                       "fifth less peak memory for ln on effnet-lite0, a quarter "
+                                                       "more time).")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count them.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = False,
     exclude_leaks: Annotated[Optional[str], typer.Option(help="Drop pairs that leak this benchmark's test set "
@@ -85,7 +85,8 @@ def train_command(
                          image_tower=image_tower, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, holdout=holdout, embed_dim=embed_dim, max_length=max_length,
                          pooling=pooling, text_prefix=text_prefix, seed=seed, bf16=bf16,
-                         grad_checkpointing=grad_checkpointing, recompute_norms=recompute_norms, skip_bad=skip_bad, overwrite=overwrite,
+                         grad_checkpointing=grad_checkpointing, recompute_norms=recompute_norms,
+                         skip_bad=skip_bad, overwrite=overwrite,
                          exclude_leaks=exclude_leaks, leak_root=leak_root, leak_threshold=leak_threshold,
                          checkpoint_every=checkpoint_every, resume=resume, skip_nonfinite=skip_nonfinite,
                          cache_text=not no_cache_text, text_cache_mb=text_cache_mb)

@@ -18,7 +18,8 @@ class ImageTower(Tower):
         self.preprocess = preprocess
         self.family = family
         # Convolutional towers run channels-last: oneDNN's and cuDNN's fast convolution paths
-        # want NHWC (measured: effnet-lite0's forward 2.5x faster on CPU). Same function, so
+        # want NHWC (effnet-lite0 on CPU: forward 1.4-1.8x, forward + backward 1.2x faster;
+        # benchmarks/perf/levers.py). Same function, so
         # not part of the fingerprint.
         self.channels_last = is_convolutional(model)
         if self.channels_last:
