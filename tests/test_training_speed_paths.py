@@ -172,19 +172,21 @@ def test_lean_backward_keeps_less_and_gives_bit_identical_gradients(build, norms
         assert torch.equal(lean(pixels), plain(pixels))
 
 
-def test_training_with_recomputed_norms_writes_the_same_pack(tiny_cnn_towers, tmp_path):
+@pytest.mark.parametrize("options", [{"recompute_norms": True}, {"grad_checkpointing": True},
+                                     {"recompute_norms": True, "grad_checkpointing": True}])
+def test_memory_options_on_a_cnn_write_the_same_pack(tiny_cnn_towers, tmp_path, options):
+    """Lean convolutions are always on; recomputed norms and checkpointed blocks nest inside."""
     generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
     packs = {}
-    for flag in (False, True):
+    for name, settings in (("plain", {}), ("options", options)):
         config = TrainConfig(lang="sw", data=str(tmp_path / "data" / "sw" / "train.jsonl"),
-                             out=str(tmp_path / str(flag)), text_tower="tiny-bert-0", image_tower="tiny-timm-cnn",
-                             embed_dim=16, epochs=2, batch_size=8, method="ln", recompute_norms=flag,
-                             checkpoint_every=0)
-        packs[flag] = load_file(str(train(config).pack / PACK_TENSORS))
-    assert packs[False].keys() == packs[True].keys()
-    assert any(name.startswith("image.tower.") for name in packs[True])  # the CNN's norms did train
-    for name, tensor in packs[False].items():
-        assert torch.equal(tensor, packs[True][name]), name
+                             out=str(tmp_path / name), text_tower="tiny-bert-0", image_tower="tiny-timm-cnn",
+                             embed_dim=16, epochs=2, batch_size=8, method="ln", checkpoint_every=0, **settings)
+        packs[name] = load_file(str(train(config).pack / PACK_TENSORS))
+    assert packs["plain"].keys() == packs["options"].keys()
+    assert any(name.startswith("image.tower.") for name in packs["plain"])  # the CNN's norms did train
+    for name, tensor in packs["plain"].items():
+        assert torch.equal(tensor, packs["options"][name]), name  # recomputation is exact
 
 
 def test_lean_backward_leaves_trained_convolutions_alone():
