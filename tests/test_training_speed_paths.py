@@ -245,3 +245,25 @@ def test_large_activations_fault_in_huge_pages_not_4k_pages():
     assert faults[""][1] < pages // 10  # huge pages: a fault per 2 MiB
     if _huge_page_mode() == "madvise":  # ("always" gives glibc's own mappings huge pages too)
         assert faults["default"][1] >= pages // 2  # glibc alone: every allocation faults its pages in again
+
+
+def test_frozen_weights_cast_once_give_autocasts_own_bf16_result():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    plain.requires_grad_(False)
+    plain[2].weight.requires_grad_(True)  # a trained layer: autocast already keeps its cast
+    cached = copy.deepcopy(plain)
+    assert cache_bf16_weights(cached) == 1
+    x = torch.randn(4, 16)
+    outs = {}
+    for name, model in (("plain", plain), ("cached", cached)):
+        for _ in range(2):  # the second call reuses the cast
+            inputs = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(inputs)
+            out.float().square().sum().backward()
+        outs[name] = out, inputs.grad, model[2].weight.grad
+    assert outs["cached"][0].dtype == torch.bfloat16
+    for got, wanted in zip(outs["cached"], outs["plain"]):
+        assert torch.equal(got, wanted)
+    assert torch.equal(cached(x), plain(x))  # without autocast: the fp32 layer, as before
