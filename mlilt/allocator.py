@@ -4,8 +4,9 @@ glibc's malloc gives every large block a mapping of its own and returns it to th
 when it is freed. A training step allocates the same activations every step, so every step
 takes a page fault for each 4 KiB of them, and the kernel zeroes each page: on the offline
 pair over a quarter of the CPU time of a ``vs_full.py`` run was the kernel's
-(benchmarks/perf/README.md, "Huge pages for large tensors"). PyTorch can back allocations of 2 MiB and more with transparent huge pages
-(its ``THP_MEM_ALLOC_ENABLE`` setting): one fault per 2 MiB instead of 512.
+(benchmarks/perf/README.md, "Huge pages for large tensors"). PyTorch can back allocations
+of 2 MiB and more with transparent huge pages (its ``THP_MEM_ALLOC_ENABLE`` setting): one
+fault per 2 MiB instead of 512.
 
 Keeping freed memory in the heap instead (glibc ``mallopt``: no mmap, no trim) was tried
 and rejected: PyTorch's aligned allocations then never reuse a freed block of their own
