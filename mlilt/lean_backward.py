@@ -98,7 +98,7 @@ class _FrozenConv2d(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.settings
         # Stands in for the input: its shape and layout choose the kernel (an expanded
-        # 0-stride stand-in sends channels-last convolutions down a path 3x slower); never read.
+        # 0-stride stand-in sent channels-last convolutions down a slow path); never read.
         shape_only = torch.empty(ctx.input_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.input_format)
         grad_input = torch.ops.aten.convolution_backward(grad, shape_only, weight, None, stride, padding, dilation,
                                                          False, [0, 0], groups, (True, False, False))[0]

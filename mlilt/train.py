@@ -356,8 +356,8 @@ def _step(model, split: Split, sources, batch: list[int], params, optimizer, con
 def _precision(bf16: bool, device: torch.device) -> contextlib.ExitStack:
     """bfloat16 autocast with ``--bf16``. On a CPU attention then runs PyTorch's math kernel:
     with the flash kernel, whose bf16 backward is slow on CPU, the text tower's forward and
-    backward took 1.01 s in bf16 against 1.07 s in fp32 on an AMX CPU; with the math kernel,
-    0.48 s (benchmarks/perf/levers.py)."""
+    backward took 0.92 s in bf16 against 0.95 s in fp32 on an AMX CPU; with the math kernel,
+    0.46 s (benchmarks/perf/levers.py)."""
     stack = contextlib.ExitStack()
     if bf16:
         stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))

@@ -7,7 +7,7 @@ On the offline towers, one process, one torch thread, CPU seconds (median of ``-
 * image: effnet-lite0 with ``ln`` over a batch of images, contiguous vs channels-last layout
   (forward with autograd, its backward, forward without autograd);
 * kept: what autograd keeps for that backward pass, by kind, plain / with frozen convolutions
-  keeping no inputs / with ``--recompute-norms`` as well;
+  keeping no inputs / with ``--recompute-norms`` as well, and what each costs in time;
 * attention: the text tower with ``ln+adapter`` over a batch of demo captions, forward and
   backward, in fp32 and under bf16 autocast with the flash and the math attention kernel.
 """
@@ -109,8 +109,9 @@ def kept_rows(args) -> list[list[str]]:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             side(pixels)
         by_kind = kept_by_kind(side, pixels) if not levers else {}
+        seconds = cpu_seconds(lambda: side(pixels).square().sum().backward(), args.repeats)
         rows.append([name, f"{sum(hooked.values()):,.0f}"] +
-                    [f"{by_kind[kind]:,.0f}" if kind in by_kind else "" for kind in KINDS])
+                    [f"{by_kind[kind]:,.0f}" if kind in by_kind else "" for kind in KINDS] + [f"{seconds:.2f}"])
     return rows
 
 
@@ -158,7 +159,8 @@ def main() -> None:
     print(table(["image tower layout", "forward with autograd", "its backward", "forward without autograd"],
                 image_rows(args)), "\n", flush=True)
     print(table(["what the image side keeps for its backward pass (MB)", "total"] +
-                [f"kept by {kind}" for kind in KINDS], kept_rows(args)), "\n", flush=True)
+                [f"kept by {kind}" for kind in KINDS] + ["forward + backward CPU s"], kept_rows(args)), "\n",
+          flush=True)
     print(table(["text tower ln+adapter, one batch", "forward + backward CPU s"], attention_rows(args)))
 
 

@@ -18,7 +18,7 @@ class ImageTower(Tower):
         self.preprocess = preprocess
         self.family = family
         # Convolutional towers run channels-last: oneDNN's and cuDNN's fast convolution paths
-        # want NHWC (effnet-lite0 on CPU: forward 1.4-1.8x, forward + backward 1.2x faster;
+        # want NHWC (effnet-lite0 on CPU: forward 1.4-2x, forward + backward 1.1-1.2x faster;
         # benchmarks/perf/levers.py). Same function, so
         # not part of the fingerprint.
         self.channels_last = is_convolutional(model)
