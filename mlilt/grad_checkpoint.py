@@ -27,11 +27,12 @@ def checkpoint_blocks(tower: nn.Module) -> int:
     blocks = find_layout(tower).blocks
     for name in blocks:
         block = tower.get_submodule(name)
-        block.forward = _checkpointed(block.forward)
+        block.forward = checkpointed(block.forward)
     return len(blocks)
 
 
-def _checkpointed(forward: Callable) -> Callable:
+def checkpointed(forward: Callable) -> Callable:
+    """``forward`` that keeps only its inputs and recomputes the rest in the backward pass."""
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation and the frozen prefix: nothing to save
             return forward(*args, **kwargs)

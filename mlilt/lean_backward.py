@@ -24,14 +24,15 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import checkpoint
+
+from mlilt.grad_checkpoint import checkpointed
 
 
 def lean_convolutions(tower: nn.Module) -> int:
     """Frozen 2-D convolutions of ``tower`` stop keeping their inputs; returns how many."""
     convs = [m for m in tower.modules() if isinstance(m, nn.Conv2d) and not _trains(m)]
     for conv in convs:
-        conv.forward = _wrap(conv.forward, _with_lean_conv2d)
+        conv.forward = _with_lean_conv2d(conv.forward)
     return len(convs)
 
 
@@ -40,7 +41,7 @@ def recompute_norm_activations(tower: nn.Module) -> int:
     backward pass, keeping only their input; returns how many."""
     found = [m for m in tower.modules() if "NormAct" in type(m).__name__ and _trains(m)]
     for module in found:
-        module.forward = _wrap(module.forward, _checkpointed)
+        module.forward = checkpointed(module.forward)  # the same wrapper as --grad-checkpointing's blocks
     return len(found)
 
 
@@ -48,23 +49,15 @@ def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-def _wrap(forward: Callable, training_forward: Callable) -> Callable:
+def _with_lean_conv2d(forward: Callable) -> Callable:
+    # The module's own forward runs unchanged (timm's Conv2dSame pads first); only the
+    # conv2d call inside it is swapped.
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing is kept anyway
             return forward(*args, **kwargs)
-        return training_forward(forward, *args, **kwargs)
+        with _LeanConv2d():
+            return forward(*args, **kwargs)
     return run
-
-
-def _checkpointed(forward: Callable, *args, **kwargs):
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-def _with_lean_conv2d(forward: Callable, *args, **kwargs):
-    # The module's own forward runs unchanged (timm's Conv2dSame pads first); only the
-    # conv2d call inside it is swapped.
-    with _LeanConv2d():
-        return forward(*args, **kwargs)
 
 
 class _LeanConv2d(TorchFunctionMode):

@@ -24,8 +24,8 @@ Hugging Face text tower on the converted me5-small folder (mean pooling, linear 
 256-d like mlilt's default. The same demo pairs feed both, as JSONL for mlilt and as a CSV
 for open_clip; captions carry me5's ``query: `` prefix on both sides. open_clip runs on CPU
 with ``--device cpu --precision fp32 --workers 1``; with ``--precision bf16`` both sides run
-under bfloat16 autocast (open_clip ``--precision amp_bf16``, mlilt ``--bf16``). Its own log gives the samples/s of every
-step (``--log-every-n-steps 1``), mlilt's is timed around its optimizer step. A step's time
+under bfloat16 autocast (open_clip ``--precision amp_bf16``, mlilt ``--bf16``). Its own log
+gives the samples/s of every step (``--log-every-n-steps 1``), mlilt's is timed around its optimizer step. A step's time
 is from one batch to the next: data loading, forward, backward, optimizer.
 Per epoch group (the first epoch, the later ones) the median step after ``--warmup`` steps of
 each epoch; CPU time per step from the process's (and its DataLoader workers') CPU seconds.
@@ -318,7 +318,8 @@ def main() -> None:
     results, pairs = measure(__file__, work, pairs_file, args)
     print(f"\nmachine: {machine()}")
     print(f"pairs: {len(pairs_file.read_text().splitlines())}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"{args.precision}, {args.threads} torch thread(s), median over the steps after the first {args.warmup} of each epoch, "
+          f"{args.precision}, {args.threads} torch thread(s), "
+          f"median over the steps after the first {args.warmup} of each epoch, "
           f"{args.repeat} run(s) per side\n")
     print(report(results, pairs, args))
 

@@ -19,8 +19,7 @@ class ImageTower(Tower):
         self.family = family
         # Convolutional towers run channels-last: oneDNN's and cuDNN's fast convolution paths
         # want NHWC (effnet-lite0 on CPU: forward 1.4-2x, forward + backward 1.1-1.2x faster;
-        # benchmarks/perf/levers.py). Same function, so
-        # not part of the fingerprint.
+        # benchmarks/perf/levers.py). Same function, so not part of the fingerprint.
         self.channels_last = is_convolutional(model)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
