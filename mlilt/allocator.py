@@ -1,32 +1,68 @@
-"""Large tensors on transparent huge pages while mlilt trains or evaluates (Linux).
+"""How large tensors get their memory while mlilt trains or evaluates (Linux).
 
-glibc's malloc gives every large block a mapping of its own and returns it to the kernel
-when it is freed. A training step allocates the same activations every step, so every step
-takes a page fault for each 4 KiB of them, and the kernel zeroes each page: on the offline
-pair over a quarter of the CPU time of a ``vs_full.py`` run was the kernel's
-(benchmarks/perf/README.md, "Huge pages for large tensors"). PyTorch can back allocations
-of 2 MiB and more with transparent huge pages (its ``THP_MEM_ALLOC_ENABLE`` setting): one
-fault per 2 MiB instead of 512.
+Two settings, both for the activations a training step allocates and frees again every step:
 
-Keeping freed memory in the heap instead (glibc ``mallopt``: no mmap, no trim) was tried
-and rejected: PyTorch's aligned allocations then never reuse a freed block of their own
-size, and the heap grew by every step's activations.
+- **Huge pages.** glibc's malloc gives every large block a mapping of its own and returns it
+  to the kernel when it is freed, so every step takes a page fault for each 4 KiB of its
+  activations, and the kernel zeroes each page: on the offline pair over a quarter of the CPU
+  time of a ``vs_full.py`` run was the kernel's (benchmarks/perf/README.md). PyTorch can back
+  allocations of 2 MiB and more with transparent huge pages (its ``THP_MEM_ALLOC_ENABLE``
+  setting): one fault per 2 MiB instead of 512. PyTorch reads the setting once, so it takes
+  effect only if no large tensor was allocated before.
+- **A fixed mmap threshold of 16 MiB.** glibc raises its threshold to the size of each mapped
+  block freed (up to 32 MiB), so after the first step blocks of up to 32 MiB live in the heap.
+  Activations that die at different times leave holes there that later, differently sized
+  ones do not fit: the resident peak of an ``ln`` step on the offline pair was about 330 MB
+  above the one with the threshold fixed, at the same step time (benchmarks/perf/README.md).
+  Blocks of 16 MiB and more are mapped and returned on free; on huge pages that is cheap.
+  Takes effect at once (glibc only; other C libraries are left alone).
 
-Set by the ``mlilt`` command and by ``mlilt.train.train``; it takes effect if no large tensor
-was allocated before (PyTorch reads the setting once). ``MLILT_MALLOC=default`` leaves
-PyTorch's allocation alone; a kernel with transparent huge pages off ignores it.
+Keeping every freed block in the heap instead (no mmap, no trim) was tried and rejected:
+PyTorch's aligned allocations then never reuse a freed block of their own size, and the heap
+grew by every step's activations.
+
+Set by the ``mlilt`` command and by ``mlilt.train.train``. ``MLILT_MALLOC=default`` leaves both
+alone; ``MLILT_MALLOC=huge-pages`` sets huge pages only. A user's own ``THP_MEM_ALLOC_ENABLE``
+wins, and a kernel with transparent huge pages off ignores it.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 OPT_OUT = "MLILT_MALLOC"
 TORCH_SETTING = "THP_MEM_ALLOC_ENABLE"
+MMAP_THRESHOLD = 16 * 2**20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+
+_threshold_set = False
 
 
-def use_huge_pages() -> bool:
-    """Ask PyTorch for huge-page-backed large tensors (a user's own setting wins); True if asked."""
-    if os.environ.get(OPT_OUT, "").lower() == "default":
+def tune_allocator() -> bool:
+    """Huge pages for large tensors and glibc's fixed mmap threshold, unless opted out;
+    True if huge pages were asked for."""
+    mode = os.environ.get(OPT_OUT, "").lower()
+    if mode == "default":
         return False
     os.environ.setdefault(TORCH_SETTING, "1")
+    if mode != "huge-pages":
+        fix_mmap_threshold()
     return os.environ[TORCH_SETTING] == "1"
+
+
+def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc map every block of ``size`` bytes and more, for good; False off glibc."""
+    global _threshold_set
+    if not _threshold_set:
+        libc = _glibc()
+        _threshold_set = bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, size) == 1)
+    return _threshold_set
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None

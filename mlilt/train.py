@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlilt import distributed
-from mlilt.allocator import use_huge_pages
+from mlilt.allocator import tune_allocator
 from mlilt.api import image_side_of
 from mlilt.bf16_weights import cache_bf16_weights
 from mlilt.build import build_sides
@@ -34,7 +34,7 @@ from mlilt.encode import length_sorted_batches, pad_batch, run_in_length_groups,
 from mlilt.errors import DataError, UsageError
 from mlilt.evaluation.retrieval import retrieval_metrics
 from mlilt.grad_checkpoint import checkpoint_blocks
-from mlilt.lean_backward import lean_convolutions, recompute_norm_activations
+from mlilt.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
 from mlilt.methods import MethodReport
 from mlilt.model import ContrastiveModel, SideEncoder, contrastive_loss, image_side_id
 from mlilt.packs import PACK_CONFIG, Pack, PackConfig, read_pack, save_pack
@@ -80,7 +80,7 @@ class TrainResult:
 def train(config: TrainConfig, console=None) -> TrainResult:
     """Train one pack; under ``torchrun`` every process calls this and rank 0 writes the pack.
     Large tensors go on huge pages from now on, if none was allocated yet (``mlilt.allocator``)."""
-    use_huge_pages()
+    tune_allocator()
     ranks = distributed.setup()
     try:
         return _train(config, console if ranks.is_main else None, ranks)
@@ -170,6 +170,7 @@ def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, P
             cache_bf16_weights(encoder.tower)  # one cast per frozen weight, not one per step
         if encoder.tower_trains():
             lean_convolutions(encoder.tower)  # exact and free: frozen convolutions keep no inputs
+            lean_norm_clamps(encoder.tower)  # exact: BatchNorm + ReLU6 keeps its input only
             if config.recompute_norms:
                 recompute_norm_activations(encoder.tower)
             if config.grad_checkpointing:

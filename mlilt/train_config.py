@@ -29,7 +29,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     grad_checkpointing: bool = False  # recompute trained blocks' activations in the backward pass: less memory
-    recompute_norms: bool = False  # fused norm+activation layers keep only their input (CNNs: less memory, more time)
+    recompute_norms: bool = False  # fused norm+SiLU/GELU... layers keep only their input (less memory, more time)
     max_length: int = 64  # caption tokens
     pooling: str | None = None  # text tower pooling (mean/cls); None: the tower's default
     text_prefix: str | None = None  # prepended to captions; None: the tower's default

@@ -1,8 +1,9 @@
 """The fast paths of training compute what the plain paths compute.
 
 A training batch runs its captions in groups of similar length (less padding), frozen
-convolutions keep no inputs for the backward pass, fused norm + activation modules recompute
-their forward, and CNN towers run channels-last. These tests check that embeddings and
+convolutions keep no inputs for the backward pass, fused BatchNorm + ReLU6 modules keep only
+their input, other fused norm + activation modules recompute their forward, and CNN towers
+run channels-last. These tests check that embeddings and
 gradients stay the same and that less is kept, not timings (those are in benchmarks/perf).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mlilt.bf16_weights import cache_bf16_weights
 from mlilt.build import build_sides
 from mlilt.data.demo import generate_demo
 from mlilt.encode import length_groups, run_in_length_groups
-from mlilt.lean_backward import lean_convolutions, recompute_norm_activations
+from mlilt.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
 from mlilt.model import SideEncoder
 from mlilt.packs import PACK_TENSORS
 from mlilt.train import Split, TextSource, train
@@ -148,19 +149,36 @@ def _tiny_cnn_ln() -> nn.Module:
     return sides["image"]
 
 
-@pytest.mark.parametrize("build", [_same_pad_cnn, _tiny_cnn_ln])
-@pytest.mark.parametrize("norms, kept", [(False, 0.8), (True, 0.6)])
-def test_lean_backward_keeps_less_and_gives_bit_identical_gradients(build, norms, kept):
+def _relu_cnn() -> nn.Module:
+    """_same_pad_cnn with plain ReLU after its norms."""
+    model = _same_pad_cnn()
+    model.bn1.act, model.bn2.act = nn.ReLU(inplace=True), nn.ReLU()
+    return model
+
+
+# (what each lever should take in the model, the share of kept bytes left at most)
+LEVERS = {"convolutions": ({lean_convolutions: 2}, 0.8),
+          "norm clamps": ({lean_convolutions: 2, lean_norm_clamps: 2, recompute_norm_activations: 0}, 0.6),
+          "recomputed norms": ({lean_convolutions: 2, recompute_norm_activations: 2}, 0.6)}
+
+
+@pytest.mark.parametrize("build, levers", [(_same_pad_cnn, "convolutions"), (_same_pad_cnn, "norm clamps"),
+                                           (_same_pad_cnn, "recomputed norms"), (_relu_cnn, "norm clamps"),
+                                           (_tiny_cnn_ln, "convolutions"), (_tiny_cnn_ln, "recomputed norms")])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lean_backward_keeps_less_and_gives_bit_identical_gradients(build, levers, bf16):
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     plain = build()
     lean = copy.deepcopy(plain)
-    assert lean_convolutions(lean) >= 2
-    assert not norms or recompute_norm_activations(lean) >= 2
+    takes, kept = LEVERS[levers]
+    for lever, count in takes.items():
+        assert lever(lean) >= count if count else lever(lean) == 0, lever.__name__
     assert [n for n, _ in lean.named_parameters()] == [n for n, _ in plain.named_parameters()]
     runs = {}
     for name, model in (("plain", plain), ("lean", lean)):
-        saved, out = _saved_bytes(lambda: model(pixels))
-        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            saved, out = _saved_bytes(lambda: model(pixels))
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         runs[name] = saved, out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     (plain_saved, plain_out, plain_grads), (lean_saved, lean_out, lean_grads) = runs["plain"], runs["lean"]
     assert lean_saved < kept * plain_saved, (lean_saved, plain_saved)
@@ -170,6 +188,16 @@ def test_lean_backward_keeps_less_and_gives_bit_identical_gradients(build, norms
         assert torch.equal(lean_grads[name], grad), name
     with torch.no_grad():  # evaluation takes the plain forward
         assert torch.equal(lean(pixels), plain(pixels))
+
+
+def test_norm_clamps_leave_training_mode_norms_and_other_activations_alone():
+    model = _same_pad_cnn()
+    model.bn2.act = nn.SiLU()  # its gradient needs more than a mask
+    assert lean_norm_clamps(model) == 1
+    model.train()  # batch statistics: the plain forward, which updates the running statistics
+    before = model.bn1.running_mean.clone()
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert not torch.equal(model.bn1.running_mean, before)
 
 
 @pytest.mark.parametrize("options", [{"recompute_norms": True}, {"grad_checkpointing": True},
@@ -215,8 +243,8 @@ def test_transformer_towers_keep_their_layout(family):
 ALLOCATE_AND_FREE = """
 import resource
 import torch
-from mlilt.allocator import use_huge_pages
-print(use_huge_pages())
+from mlilt.allocator import tune_allocator
+print(tune_allocator())
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):  # what a training step does with its activations
     torch.empty(2**24).fill_(1.0)  # 64 MiB, freed at once
@@ -245,6 +273,46 @@ def test_large_activations_fault_in_huge_pages_not_4k_pages():
     assert faults[""][1] < pages // 10  # huge pages: a fault per 2 MiB
     if _huge_page_mode() == "madvise":  # ("always" gives glibc's own mappings huge pages too)
         assert faults["default"][1] >= pages // 2  # glibc alone: every allocation faults its pages in again
+
+
+WHERE_A_20_MIB_TENSOR_LIVES = """
+import ctypes
+import torch
+from mlilt.allocator import tune_allocator
+tune_allocator()
+libc = ctypes.CDLL("libc.so.6")
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc.mallinfo2.restype = Mallinfo2
+torch.empty(30 * 2**18).fill_(1.0)  # 30 MiB, freed: glibc's own threshold rises past 20 MiB
+before = libc.mallinfo2().hblkhd
+kept = torch.empty(20 * 2**18).fill_(1.0)
+print("mapped" if libc.mallinfo2().hblkhd - before >= 20 * 2**20 else "heap")
+"""
+
+
+def _glibc_with_mallinfo2() -> bool:
+    import ctypes
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc 2.33 or later")
+def test_large_tensors_stay_out_of_the_heap_after_a_larger_one_was_freed():
+    """The fixed mmap threshold: a 20 MiB activation after a freed 30 MiB one is mapped (and
+    returned on free), not carved out of the heap where freed blocks leave holes."""
+    where = {}
+    for setting in ("", "huge-pages"):
+        env = {**os.environ, "MLILT_MALLOC": setting}
+        where[setting] = subprocess.run([sys.executable, "-c", WHERE_A_20_MIB_TENSOR_LIVES], env=env,
+                                        capture_output=True, text=True, check=True).stdout.strip()
+    assert where == {"": "mapped", "huge-pages": "heap"}
 
 
 def test_frozen_weights_cast_once_give_autocasts_own_bf16_result():

@@ -89,13 +89,14 @@ def kept_rows(args) -> list[list[str]]:
     """MB of distinct tensors autograd keeps (saved-tensor hooks see every one, checkpointed or
     not); for the plain run also by the backward node that keeps them."""
     import torch
-    from mlilt.lean_backward import lean_convolutions, recompute_norm_activations
+    from mlilt.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
 
     pixels = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     base = image_side("channels_last")
     rows = []
     for name, levers in (("plain", ()), ("frozen convolutions keep no inputs", (lean_convolutions,)),
-                         ("+ --recompute-norms", (lean_convolutions, recompute_norm_activations))):
+                         ("+ --recompute-norms", (lean_convolutions, recompute_norm_activations)),
+                         ("+ BatchNorm-ReLU6 keeps its input only", (lean_convolutions, lean_norm_clamps))):
         side = copy.deepcopy(base)
         for lever in levers:
             lever(side.tower)
@@ -153,8 +154,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     torch.set_num_threads(1)
-    from mlilt.allocator import use_huge_pages
-    use_huge_pages()  # as the mlilt command does
+    from mlilt.allocator import tune_allocator
+    tune_allocator()  # as the mlilt command does
     print(f"machine: {machine()}; 1 torch thread; batch {args.batch_size}; CPU s, median of {args.repeats}\n")
     print(table(["image tower layout", "forward with autograd", "its backward", "forward without autograd"],
                 image_rows(args)), "\n", flush=True)

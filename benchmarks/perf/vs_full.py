@@ -39,8 +39,8 @@ FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing", "norms": "recompute_norms
 
 def run_method(args) -> dict:
     """Child: one epoch of ``mlilt.train.train`` with this method; each step timed, memory taken."""
-    from mlilt.allocator import use_huge_pages
-    use_huge_pages()  # as the mlilt command does, before any tensor
+    from mlilt.allocator import tune_allocator
+    tune_allocator()  # as the mlilt command does, before any tensor
     import mlilt.train as training
     from mlilt.towers.registry import load_image_tower, load_text_tower
     from mlilt.train_config import TrainConfig

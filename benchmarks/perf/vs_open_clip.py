@@ -151,8 +151,8 @@ def cpu_seconds() -> float:
 
 def run_mlilt(args) -> dict:
     """Child: mlilt.train.train on the same pairs; each optimizer step timed end to end."""
-    from mlilt.allocator import use_huge_pages
-    use_huge_pages()  # as the mlilt command does, before any tensor
+    from mlilt.allocator import tune_allocator
+    tune_allocator()  # as the mlilt command does, before any tensor
     import mlilt.train as training
     from mlilt.train_config import TrainConfig
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from mlilt.allocator import use_huge_pages
+from mlilt.allocator import tune_allocator
 from mlilt.cli import data, packs, towers
 from mlilt.cli.bench import bench_command
 from mlilt.cli.demo import demo_command
@@ -23,5 +23,5 @@ app.add_typer(towers.app, name="towers")
 
 
 def main() -> None:
-    use_huge_pages()  # before any tensor: large activations without a page fault per 4 KiB
+    tune_allocator()  # before any tensor: large activations without a page fault per 4 KiB
     app()

@@ -44,11 +44,11 @@ def train_command(
                                                           "less memory, about one more forward pass of "
                                                           "compute (for large towers).")] = False,
     recompute_norms: Annotated[bool, typer.Option("--recompute-norms",
-                                                  help="Fused norm + activation layers of a trained CNN keep only "
-                                                       "their input and recompute the rest in the backward pass: "
-                                                       "a lighter trade than --grad-checkpointing (measured: a "
-                                                       "fifth less peak memory for ln on effnet-lite0, a quarter "
-                                                       "more time).")] = False,
+                                                  help="Fused norm + activation layers of a trained CNN (SiLU, "
+                                                       "GELU, ...) keep only their input and recompute the rest in "
+                                                       "the backward pass: a lighter trade than "
+                                                       "--grad-checkpointing. Norms followed by ReLU/ReLU6 (as in "
+                                                       "effnet-lite0) always do so, at no cost.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count them.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = False,
     exclude_leaks: Annotated[Optional[str], typer.Option(help="Drop pairs that leak this benchmark's test set "
