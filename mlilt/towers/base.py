@@ -9,6 +9,8 @@ import json
 import torch
 from torch import nn
 
+from mlilt.towers.mapped_bytes import file_mappings, tensor_bytes
+
 
 class CallCounter:
     """Forward passes of a tower and of every copy of it (copies share this object)."""
@@ -69,12 +71,16 @@ class Tower(nn.Module):
 
 
 def weights_fingerprint(module: nn.Module, config: dict) -> str:
-    """sha256 of a JSON config plus every parameter and buffer (names, shapes, bytes)."""
+    """sha256 of a JSON config plus every parameter and buffer (names, shapes, bytes).
+    Weights memory-mapped from a file are hashed through the file: hashing them in memory
+    would page in all of them (``mapped_bytes``)."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     state = module.state_dict()
+    mappings = file_mappings()
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # a view: no copy
+            for chunk in tensor_bytes(tensor, mappings):
+                digest.update(chunk)
     return digest.hexdigest()
