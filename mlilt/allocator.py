@@ -1,6 +1,6 @@
 """How large tensors get their memory while mlilt trains or evaluates (Linux).
 
-Three settings, all for the activations a training step allocates and frees again every step:
+Two settings, both for the activations a training step allocates and frees again every step:
 
 - **Huge pages.** glibc's malloc gives every large block a mapping of its own and returns it
   to the kernel when it is freed, so every step takes a page fault for each 4 KiB of its
@@ -16,25 +16,19 @@ Three settings, all for the activations a training step allocates and frees agai
   above the one with the threshold fixed, at the same step time (benchmarks/perf/README.md).
   Blocks of 16 MiB and more are mapped and returned on free; on huge pages that is cheap.
   Takes effect at once (glibc only; other C libraries are left alone).
-- **Free heap memory handed back between steps** (``release_free_memory``, glibc's
-  ``malloc_trim``). The blocks under 16 MiB a step freed stay resident in the heap, about
-  0.8 GB after an ``ln+adapter`` step; the next step reuses some and grows the heap past the
-  rest. Handed back before each step, only what the step touches again is resident: the peak
-  was 160 MB lower at the same step time (benchmarks/perf/README.md).
 
 Keeping every freed block in the heap instead (no mmap, no trim) was tried and rejected:
 PyTorch's aligned allocations then never reuse a freed block of their own size, and the heap
 grew by every step's activations.
 
-Set by the ``mlilt`` command and by ``mlilt.train.train``. ``MLILT_MALLOC=default`` leaves all
-three alone; ``MLILT_MALLOC=huge-pages`` sets huge pages only. A user's own ``THP_MEM_ALLOC_ENABLE``
+Set by the ``mlilt`` command and by ``mlilt.train.train``. ``MLILT_MALLOC=default`` leaves both
+alone; ``MLILT_MALLOC=huge-pages`` sets huge pages only. A user's own ``THP_MEM_ALLOC_ENABLE``
 wins, and a kernel with transparent huge pages off ignores it.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import os
 
 OPT_OUT = "MLILT_MALLOC"
@@ -43,29 +37,18 @@ MMAP_THRESHOLD = 16 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
 
 _threshold_set = False
-_tuned = False
 
 
 def tune_allocator() -> bool:
     """Huge pages for large tensors and glibc's fixed mmap threshold, unless opted out;
     True if huge pages were asked for."""
-    global _tuned
     mode = os.environ.get(OPT_OUT, "").lower()
     if mode == "default":
         return False
     os.environ.setdefault(TORCH_SETTING, "1")
     if mode != "huge-pages":
-        _tuned = fix_mmap_threshold()
+        fix_mmap_threshold()
     return os.environ[TORCH_SETTING] == "1"
-
-
-def release_free_memory() -> bool:
-    """Hand free heap memory back to the kernel (after ``tune_allocator``, on glibc); True if done."""
-    libc = _glibc() if _tuned else None
-    if libc is None:
-        return False
-    libc.malloc_trim(0)
-    return True
 
 
 def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
@@ -77,7 +60,6 @@ def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
     return _threshold_set
 
 
-@functools.lru_cache(maxsize=1)
 def _glibc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

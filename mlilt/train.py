@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlilt import distributed
-from mlilt.allocator import release_free_memory, tune_allocator
+from mlilt.allocator import tune_allocator
 from mlilt.api import image_side_of
 from mlilt.bf16_weights import cache_bf16_weights
 from mlilt.build import build_sides
@@ -335,7 +335,6 @@ def _step(model, split: Split, sources, batch: list[int], params, optimizer, con
           ranks: Ranks = Ranks()) -> tuple[float | None, str | None]:
     """One optimizer step over the global ``batch``; (loss, None), or (None, what went
     non-finite) with no step taken. Every rank sees the same loss and the same gradient."""
-    release_free_memory()  # what the last step freed: only what this one touches again is resident
     texts, images = sources
     local = ranks.local_slice(batch)
     with _precision(config.bf16, ranks.device):

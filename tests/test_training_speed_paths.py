@@ -315,34 +315,6 @@ def test_large_tensors_stay_out_of_the_heap_after_a_larger_one_was_freed():
     assert where == {"": "mapped", "huge-pages": "heap"}
 
 
-FREED_BLOCKS_HANDED_BACK = """
-import torch
-from mlilt.allocator import release_free_memory, tune_allocator
-tune_allocator()
-
-def resident_mb():
-    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
-
-blocks = [torch.ones(2**18) for _ in range(100)]  # 100 x 1 MiB: heap blocks under the mmap threshold
-last = blocks[-1]  # kept: the heap cannot simply shrink from its top
-del blocks
-before = resident_mb()
-print(release_free_memory(), before - resident_mb())
-"""
-
-
-@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc")
-def test_freed_heap_blocks_are_handed_back_between_steps():
-    handed_back = {}
-    for setting in ("", "default"):
-        env = {**os.environ, "MLILT_MALLOC": setting}
-        done, mb = subprocess.run([sys.executable, "-c", FREED_BLOCKS_HANDED_BACK], env=env, capture_output=True,
-                                  text=True, check=True).stdout.split()
-        handed_back[setting] = done, int(mb)
-    assert handed_back[""][0] == "True" and handed_back[""][1] >= 80  # of the 99 MiB freed
-    assert handed_back["default"][0] == "False" and handed_back["default"][1] < 20  # opted out: left alone
-
-
 def test_frozen_weights_cast_once_give_autocasts_own_bf16_result():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
