@@ -12,14 +12,17 @@ Two settings, both for the activations a training step allocates and frees again
 - **A fixed mmap threshold of 16 MiB.** glibc raises its threshold to the size of each mapped
   block freed (up to 32 MiB), so after the first step blocks of up to 32 MiB live in the heap.
   Activations that die at different times leave holes there that later, differently sized
-  ones do not fit: the resident peak of an ``ln`` step on the offline pair was about 330 MB
-  above the one with the threshold fixed, at the same step time (benchmarks/perf/README.md).
-  Blocks of 16 MiB and more are mapped and returned on free; on huge pages that is cheap.
-  Takes effect at once (glibc only; other C libraries are left alone).
+  ones do not fit. With the threshold fixed, blocks of 16 MiB and more are mapped and
+  returned on free (on huge pages, one fault per 2 MiB): on the offline pair the peak of an
+  ``ln`` step fell from 3,498 to 3,070 MB and that of a ``full`` step from 6,871 to 6,473 MB,
+  for about 4% more step time on both (benchmarks/perf/README.md). Takes effect at once
+  (glibc only; other C libraries are left alone).
 
-Keeping every freed block in the heap instead (no mmap, no trim) was tried and rejected:
-PyTorch's aligned allocations then never reuse a freed block of their own size, and the heap
-grew by every step's activations.
+Tried and rejected: keeping every freed block in the heap (no mmap, no trim): PyTorch's
+aligned allocations then never reuse a freed block of their own size, and the heap grew by
+every step's activations; handing the heap's free memory back before every step
+(``malloc_trim``): 100-150 MB off an ``ln`` peak, but the steps that run the text tower only
+(anchored) took about a tenth longer, faulting the same memory in again.
 
 Set by the ``mlilt`` command and by ``mlilt.train.train``. ``MLILT_MALLOC=default`` leaves both
 alone; ``MLILT_MALLOC=huge-pages`` sets huge pages only. A user's own ``THP_MEM_ALLOC_ENABLE``
