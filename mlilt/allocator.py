@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 OPT_OUT = "MLILT_MALLOC"
 TORCH_SETTING = "THP_MEM_ALLOC_ENABLE"
 MMAP_THRESHOLD = 16 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
-
-_threshold_set = False
 
 
 def tune_allocator() -> bool:
@@ -56,13 +55,11 @@ def tune_allocator() -> bool:
 
 def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
     """Have glibc map every block of ``size`` bytes and more, for good; False off glibc."""
-    global _threshold_set
-    if not _threshold_set:
-        libc = _glibc()
-        _threshold_set = bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, size) == 1)
-    return _threshold_set
+    libc = _glibc()
+    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, size) == 1
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
