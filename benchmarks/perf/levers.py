@@ -9,7 +9,8 @@ On the offline towers, one process, one torch thread, CPU seconds (median of ``-
 * kept: what autograd keeps for that backward pass, by kind, plain / with frozen convolutions
   keeping no inputs / with ``--recompute-norms`` as well, and what each costs in time;
 * attention: the text tower with ``ln+adapter`` over a batch of demo captions, forward and
-  backward, in fp32 and under bf16 autocast with the flash and the math attention kernel.
+  backward, in fp32 and under bf16 autocast with the flash and the math attention kernel, and
+  (one profiled run each) the share of that time spent in matrix products and their GFLOP/s.
 """
 from __future__ import annotations
 
@@ -143,8 +144,26 @@ def attention_rows(args) -> list[list[str]]:
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(backend):
                 step()
-        rows.append([name, f"{cpu_seconds(run, args.repeats):.3f}"])
+        share, rate = matrix_products(run)
+        rows.append([name, f"{cpu_seconds(run, args.repeats):.3f}", f"{share:.0%}", f"{rate:.0f}"])
     return rows
+
+
+MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def matrix_products(run) -> tuple[float, float]:
+    """One profiled ``run()``: the share of its CPU time spent in matrix products, and their
+    GFLOP/s (the profiler's own count of their floating-point operations)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiled:
+        run()
+    events = profiled.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    products = [event for event in events if event.key in MATRIX_PRODUCTS]
+    seconds = sum(event.self_cpu_time_total for event in products) / 1e6
+    return seconds * 1e6 / max(total, 1), sum(event.flops for event in products) / 1e9 / max(seconds, 1e-9)
 
 
 def main() -> None:
@@ -162,7 +181,8 @@ def main() -> None:
     print(table(["what the image side keeps for its backward pass (MB)", "total"] +
                 [f"kept by {kind}" for kind in KINDS] + ["forward + backward CPU s"], kept_rows(args)), "\n",
           flush=True)
-    print(table(["text tower ln+adapter, one batch", "forward + backward CPU s"], attention_rows(args)))
+    print(table(["text tower ln+adapter, one batch", "forward + backward CPU s", "in matrix products (profiled)",
+                 "their GFLOP/s"], attention_rows(args)))
 
 
 if __name__ == "__main__":
