@@ -79,7 +79,7 @@ class TrainResult:
 
 def train(config: TrainConfig, console=None) -> TrainResult:
     """Train one pack; under ``torchrun`` every process calls this and rank 0 writes the pack.
-    Large tensors go on huge pages from now on, if none was allocated yet (``mlilt.allocator``)."""
+    Tunes the memory allocator for training first (``mlilt.allocator``)."""
     tune_allocator()
     ranks = distributed.setup()
     try:

@@ -62,12 +62,12 @@ def steady(values: list[float], warmup: int) -> list[float]:
 
 def rss_mb() -> float:
     """Resident memory now, in MB (Linux /proc; 0 elsewhere)."""
-    return _status_mb("VmRSS")
+    return status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (VmHWM, else ru_maxrss), in MB."""
-    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reset_peak_rss() -> bool:
@@ -79,7 +79,8 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS, VmHWM, RssAnon, ...) in MB; 0 where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):

@@ -16,16 +16,17 @@ allocator's fragmentation. It makes steps slower; read its times as nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import _status_mb, demo_data, machine, peak_rss_mb, reset_peak_rss, table  # noqa: E402
+from _common import status_mb, demo_data, machine, peak_rss_mb, reset_peak_rss, table  # noqa: E402
 
 
 def resident() -> list[str]:
-    return [f"{_status_mb('VmRSS'):,.0f}", f"{_status_mb('RssAnon'):,.0f}", f"{_status_mb('RssFile'):,.0f}"]
+    return [f"{status_mb('VmRSS'):,.0f}", f"{status_mb('RssAnon'):,.0f}", f"{status_mb('RssFile'):,.0f}"]
 
 
 def main() -> None:
@@ -35,7 +36,6 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200, help="demo scenes generated (80%% train)")
     parser.add_argument("--live", action="store_true", help="resident set = live memory (slow; see above)")
     args = parser.parse_args()
-    import os
     from mlilt.allocator import OPT_OUT, fix_mmap_threshold, tune_allocator
     if args.live:
         os.environ[OPT_OUT] = "huge-pages"  # train() then leaves the threshold set here alone
@@ -98,7 +98,7 @@ def watch(training, stages: list[list[str]]) -> list[list[str]]:
             return out
 
         texts.embed = text_then_image
-        start = f"{_status_mb('VmRSS'):,.0f}"
+        start = f"{status_mb('VmRSS'):,.0f}"
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 out = step(model, split, sources, batch, params, *rest, **kwargs)

@@ -23,5 +23,5 @@ app.add_typer(towers.app, name="towers")
 
 
 def main() -> None:
-    tune_allocator()  # before any tensor: large activations without a page fault per 4 KiB
+    tune_allocator()  # before any tensor: huge pages take effect only then
     app()

@@ -48,7 +48,7 @@ def train_command(
                                                        "GELU, ...) keep only their input and recompute the rest in "
                                                        "the backward pass: a lighter trade than "
                                                        "--grad-checkpointing. Norms followed by ReLU/ReLU6 (as in "
-                                                       "effnet-lite0) always do so, at no cost.")] = False,
+                                                       "effnet-lite0) always do so, at no measurable cost.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count them.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = False,
     exclude_leaks: Annotated[Optional[str], typer.Option(help="Drop pairs that leak this benchmark's test set "
