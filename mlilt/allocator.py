@@ -59,6 +59,14 @@ def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
     return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, size) == 1
 
 
+def return_free_memory() -> bool:
+    """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim``), after a
+    large, long-lived object of many small blocks was freed (a tokenizer). True if any was
+    returned; False when none was, or off glibc."""
+    libc = _glibc()
+    return libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0) == 1
+
+
 @functools.lru_cache(maxsize=1)
 def _glibc():
     try:

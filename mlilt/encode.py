@@ -68,34 +68,58 @@ def run_in_length_groups(lengths: list[int], run: Callable[[list[int]], torch.Te
 def encode_texts(encoder: SideEncoder, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Normalised embeddings [N, D] in the input order."""
     out = torch.empty(len(texts), encoder.proj.out_features)
-    tower = encoder.tower
     device = encoder.proj.weight.device  # the encoder may sit on a GPU; embeddings come back to the CPU
-    ids = token_ids(tower, texts)
-    if ids is None:  # a tower that only tokenizes padded batches: sort by characters
-        for batch in length_sorted_batches(texts, batch_size):
-            tokens = tower.tokenize([texts[i] for i in batch])
-            out[batch] = encoder(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu()
-        return out
-    for batch in length_sorted_batches(texts, batch_size, [len(row) for row in ids]):
-        input_ids, attention_mask = pad_batch([ids[i] for i in batch], tower.tokenizer)
+    tokens = TokenizedTexts(encoder.tower, texts)
+    for batch in length_sorted_batches(texts, batch_size, tokens.lengths()):
+        input_ids, attention_mask = tokens.batch(batch)
         out[batch] = encoder(input_ids.to(device), attention_mask.to(device)).float().cpu()
     return out
 
 
+class TokenizedTexts:
+    """Texts tokenized once, as unpadded token ids, and padded per batch to that batch's
+    longest: the same tensors as tokenizing the batch with ``padding="longest"``. Once made it
+    needs no tokenizer (``standalone``), unless the tower only tokenizes padded batches; then
+    each batch is tokenized as it comes."""
+
+    def __init__(self, tower, texts: list[str]):
+        self.tower, self.texts = tower, texts
+        self.ids = token_ids(tower, texts)
+        tokenizer = tower.tokenizer if self.ids is not None else None
+        self.pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.left = getattr(tokenizer, "padding_side", "right") == "left"
+
+    @property
+    def standalone(self) -> bool:
+        return self.ids is not None
+
+    def lengths(self, indices: list[int] | None = None) -> list[int] | None:
+        """Token counts of ``indices`` (all texts if None); None for a tower that only pads."""
+        if self.ids is None:
+            return None
+        return [len(self.ids[i]) for i in (range(len(self.ids)) if indices is None else indices)]
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of ``indices``, padded to the longest of them."""
+        if self.ids is None:
+            tokens = self.tower.tokenize([self.texts[i] for i in indices])
+            return tokens["input_ids"], tokens["attention_mask"]
+        return pad_rows([self.ids[i] for i in indices], self.pad_id, self.left)
+
+
 def token_ids(tower, texts: list[str]) -> list[list[int]] | None:
     """Unpadded token ids of every text, or None if the tower cannot tokenize without padding."""
-    if "pad" not in inspect.signature(tower.tokenize).parameters or not texts:
+    if "pad" not in inspect.signature(tower.tokenize).parameters:
         return None
-    return list(tower.tokenize(texts, pad=False)["input_ids"])
+    return list(tower.tokenize(texts, pad=False)["input_ids"]) if texts else []
 
 
-def pad_batch(rows: list[list[int]], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of ``rows`` padded to the longest, on the tokenizer's padding
-    side with its pad id: the same tensors as tokenizing the batch with ``padding="longest"``."""
+def pad_rows(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of ``rows`` padded to the longest with ``pad_id``, on the
+    left or the right as the tokenizer pads."""
     width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
     for i, row in enumerate(rows):
         span = slice(width - len(row), width) if left else slice(0, len(row))
         input_ids[i, span] = torch.tensor(row, dtype=torch.long)

@@ -23,3 +23,7 @@ class PackError(MliltError):
     """A language pack is malformed, incomplete, or made for other towers."""
 
     exit_code = 4
+
+
+class TowerLoadError(MliltError):
+    """A tower id that could not be turned into a tower, or whose files changed under it."""

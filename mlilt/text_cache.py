@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlilt.encode import run_in_length_groups
+from mlilt.encode import TokenizedTexts, run_in_length_groups
 from mlilt.towers.layout import find_layout
 from mlilt.towers.text import HFTextTower
 
@@ -96,17 +96,18 @@ class PrefixCache:
     def layers(self):
         return self.tower.model.encoder.layer
 
-    def features(self, key: str, indices: list[int], captions: list[str], device: torch.device) -> torch.Tensor:
-        """Pooled tower features [B, width] of ``captions`` (``key``/``indices`` name them)."""
-        missing = [j for j, i in enumerate(indices) if (key, i) not in self.states]
+    def features(self, key: str, indices: list[int], tokens: TokenizedTexts, device: torch.device) -> torch.Tensor:
+        """Pooled tower features [B, width] of the captions ``indices`` of ``tokens`` (``key``
+        names that set of captions)."""
+        missing = [i for i in indices if (key, i) not in self.states]
         if missing and self.full:
-            return self._whole_tower(captions, device)
+            return self._whole_tower(tokens, indices, device)
         if missing:
-            self._fill([(key, indices[j]) for j in missing], [captions[j] for j in missing], device)
+            self._fill(key, missing, tokens, device)
             if not self.checked:
-                self._self_check(key, indices, captions, device)
+                self._self_check(key, indices, tokens, device)
             if any((key, i) not in self.states for i in indices):  # the limit was reached or the check failed
-                return self._whole_tower(captions, device)
+                return self._whole_tower(tokens, indices, device)
         states = [self.states[(key, i)] for i in indices]
         return run_in_length_groups([len(state) for state in states],
                                     lambda group: self._top([states[j] for j in group], device))
@@ -116,34 +117,34 @@ class PrefixCache:
         hidden, attention_mask = self._padded(states, device)
         return _pool(self.tower, _run_layers(self.layers[self.cut:], hidden, attention_mask), attention_mask)
 
-    def _whole_tower(self, captions: list[str], device: torch.device) -> torch.Tensor:
-        tokens = self.tower.tokenize(captions)
-        return self.tower(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    def _whole_tower(self, tokens: TokenizedTexts, indices: list[int], device: torch.device) -> torch.Tensor:
+        input_ids, attention_mask = tokens.batch(indices)
+        return self.tower(input_ids.to(device), attention_mask.to(device))
 
     @torch.no_grad()
-    def _fill(self, keys: list[tuple[str, int]], captions: list[str], device: torch.device) -> None:
-        tokens = self.tower.tokenize(captions)
-        ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+    def _fill(self, key: str, indices: list[int], tokens: TokenizedTexts, device: torch.device) -> None:
+        input_ids, attention_mask = tokens.batch(indices)
+        ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         hidden = self.tower.model.embeddings(input_ids=ids)
         hidden = _run_layers(self.layers[:self.cut], hidden, attention_mask)
         lengths = attention_mask.sum(1).tolist()
-        for key, row, length in zip(keys, hidden, lengths):
+        for i, row, length in zip(indices, hidden, lengths):
             state = row[:length].clone()  # unpadded: memory follows the real caption lengths
             size = state.numel() * state.element_size()
             if self.bytes + size > self.limit_bytes:
                 self.full = True
                 return
-            self.states[key] = state
+            self.states[(key, i)] = state
             self.bytes += size
 
     @torch.no_grad()
-    def _self_check(self, key: str, indices: list[int], captions: list[str], device: torch.device) -> None:
+    def _self_check(self, key: str, indices: list[int], tokens: TokenizedTexts, device: torch.device) -> None:
         """Once: the split forward must give the whole tower's features, else drop the cache."""
         self.checked = True
         if any((key, i) not in self.states for i in indices):
             return
         split = self._top([self.states[(key, i)] for i in indices], device)
-        whole = self._whole_tower(captions, device)
+        whole = self._whole_tower(tokens, indices, device)
         scale = whole.abs().max().clamp_min(1.0)
         if not torch.allclose(split, whole, atol=SELF_CHECK_TOLERANCE * float(scale), rtol=0):
             self.states.clear()

@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlilt import distributed
-from mlilt.allocator import tune_allocator
+from mlilt.allocator import return_free_memory, tune_allocator
 from mlilt.api import image_side_of
 from mlilt.bf16_weights import cache_bf16_weights
 from mlilt.build import build_sides
@@ -30,7 +30,7 @@ from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id, load_image
 from mlilt.data.pairs import PairSet, read_pairs
 from mlilt.distributed import Ranks
-from mlilt.encode import length_sorted_batches, pad_batch, run_in_length_groups, token_ids
+from mlilt.encode import TokenizedTexts, length_sorted_batches, run_in_length_groups
 from mlilt.errors import DataError, UsageError
 from mlilt.evaluation.retrieval import retrieval_metrics
 from mlilt.grad_checkpoint import checkpoint_blocks
@@ -97,6 +97,7 @@ def _train(config: TrainConfig, console, ranks: Ranks) -> TrainResult:
     texts, images = TextSource(model.text, config, ranks.device), ImageSource(model.image, config, ranks.device)
     progress = TrainProgress(console)
     _warn_slow_bf16(config, ranks.device, console)
+    texts.prepare(train_split, val_split)
     images.prepare(train_split, val_split, progress, ranks)
     state = _fit(model, train_split, val_split, (texts, images), config, progress, summary.get("sha256", ""),
                  ranks)
@@ -186,21 +187,35 @@ class TextSource:
         self.device = device
         cut = cut_point(encoder.tower) if config.cache_text else None
         self.cache = PrefixCache(encoder.tower, cut, config.text_cache_mb * 2**20) if cut is not None else None
+        self.tokens: dict[str, TokenizedTexts] = {}
+
+    def prepare(self, train_split: Split, val_split: Split) -> None:
+        """Every caption tokenized once. The tokenizer is then handed back for the rest of the
+        run (XLM-R's: ~270 MB) when the tower can load it again, and its memory returned."""
+        for name, split in (("train", train_split), ("val", val_split)):
+            self.tokenized(name, split)
+        slot = getattr(self.encoder.tower, "tokenizer_slot", None)
+        if all(t.standalone for t in self.tokens.values()) and slot is not None and slot.hand_back():
+            return_free_memory()
 
     def embed(self, name: str, split: Split, indices: list[int]) -> torch.Tensor:
-        captions = [split.captions[i] for i in indices]
+        tokens = self.tokenized(name, split)
         if self.cache is not None:
-            return self.encoder.project(self.cache.features(name, indices, captions, self.device))
-        tower = self.encoder.tower
-        ids = token_ids(tower, captions)
-        if ids is None:  # a tower that only tokenizes padded batches
-            tokens = tower.tokenize(captions)
-            return self.encoder(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+            return self.encoder.project(self.cache.features(name, indices, tokens, self.device))
 
         def run(group: list[int]) -> torch.Tensor:
-            input_ids, attention_mask = pad_batch([ids[i] for i in group], tower.tokenizer)
+            input_ids, attention_mask = tokens.batch([indices[i] for i in group])
             return self.encoder(input_ids.to(self.device), attention_mask.to(self.device))
-        return run_in_length_groups([len(row) for row in ids], run)  # same embeddings, less padding
+        lengths = tokens.lengths(indices)
+        if lengths is None:  # a tower that only tokenizes padded batches
+            return run(list(range(len(indices))))
+        return run_in_length_groups(lengths, run)  # same embeddings, less padding
+
+    def tokenized(self, name: str, split: Split) -> TokenizedTexts:
+        """The captions of ``split`` (called ``name``), tokenized on first use."""
+        if name not in self.tokens:
+            self.tokens[name] = TokenizedTexts(self.encoder.tower, split.captions)
+        return self.tokens[name]
 
     def describe(self) -> str | None:
         """What the prefix cache holds; None when the method cannot use one (nothing to report)."""
@@ -396,7 +411,8 @@ def _validate(model: ContrastiveModel, split: Split, sources, ranks: Ranks) -> d
 def validate(model: ContrastiveModel, split: Split, texts: TextSource, images: ImageSource,
              batch_size: int = 64) -> dict:
     text = torch.empty(len(split.captions), model.text.proj.out_features)
-    for batch in length_sorted_batches(split.captions, batch_size):  # similar lengths: little padding
+    lengths = texts.tokenized("val", split).lengths()
+    for batch in length_sorted_batches(split.captions, batch_size, lengths):  # similar lengths: little padding
         text[batch] = texts.embed("val", split, batch).float().cpu()
     image = torch.cat([images.embed("val", split, list(range(i, min(i + batch_size, len(split.images)))))
                        for i in range(0, len(split.images), batch_size)])

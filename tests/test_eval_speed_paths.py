@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mlilt.data.images import ImageRef
-from mlilt.encode import encode_texts, pad_batch
+from mlilt.encode import TokenizedTexts, encode_texts
 from mlilt.evaluation.evaluate import PairsRetrievalSet
 from mlilt.evaluation.runner import ImageSpace, evaluate_sets
 from mlilt.model import SideEncoder
@@ -45,13 +45,17 @@ def _one_by_one(encoder: SideEncoder, texts: list[str]) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def test_pad_batch_gives_the_tokenizers_own_padded_tensors(text_side):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_texts_tokenized_once_pad_each_batch_as_the_tokenizer_does(text_side, side, monkeypatch):
     tower = text_side.tower
-    ids = tower.tokenize(CAPTIONS, pad=False)["input_ids"]
-    input_ids, attention_mask = pad_batch(list(ids), tower.tokenizer)
-    wanted = tower.tokenize(CAPTIONS)
-    assert torch.equal(input_ids, wanted["input_ids"])
-    assert torch.equal(attention_mask, wanted["attention_mask"])
+    monkeypatch.setattr(tower.tokenizer, "padding_side", side)
+    tokens = TokenizedTexts(tower, CAPTIONS)
+    assert tokens.standalone and tokens.lengths() == [len(row) for row in tower.tokenize(CAPTIONS, pad=False)["input_ids"]]
+    for batch in ([0, 1, 2, 3], [5, 2], [4]):
+        input_ids, attention_mask = tokens.batch(batch)
+        wanted = tower.tokenize([CAPTIONS[i] for i in batch])
+        assert torch.equal(input_ids, wanted["input_ids"])
+        assert torch.equal(attention_mask, wanted["attention_mask"])
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from mlilt.build import build_sides
 from mlilt.data.demo import generate_demo
+from mlilt.encode import TokenizedTexts
 from mlilt.packs import PACK_TENSORS
 from mlilt.text_cache import PrefixCache, cut_point, first_trainable_block
 from mlilt.train import train
@@ -53,9 +54,10 @@ def test_cached_features_equal_the_whole_tower_whatever_the_batch(tiny_vit_tower
     tower = _text_side(tiny_vit_towers, "unlock:1")
     cache = PrefixCache(tower, cut=1, limit_bytes=2**20)
     device = torch.device("cpu")
-    cache.features("train", [0, 1, 2], CAPTIONS[:3], device)  # filled in one batch composition ...
+    captions = TokenizedTexts(tower, CAPTIONS)
+    cache.features("train", [0, 1, 2], captions, device)  # filled in one batch composition ...
     order = [4, 2, 0, 3]  # ... read in another, with other padding
-    got = cache.features("train", order, [CAPTIONS[i] for i in order], device)
+    got = cache.features("train", order, captions, device)
     tokens = tower.tokenize([CAPTIONS[i] for i in order])
     assert torch.allclose(got, tower(tokens["input_ids"], tokens["attention_mask"]), atol=1e-5)
     lengths = [len(tower.tokenize([c], pad=False)["input_ids"][0]) for c in CAPTIONS]
@@ -66,7 +68,7 @@ def test_cached_features_equal_the_whole_tower_whatever_the_batch(tiny_vit_tower
 def test_gradients_flow_into_the_top_blocks_only(tiny_vit_towers):
     tower = _text_side(tiny_vit_towers, "unlock:1")
     cache = PrefixCache(tower, cut=1, limit_bytes=2**20)
-    cache.features("train", [0, 1], CAPTIONS[:2], torch.device("cpu")).sum().backward()
+    cache.features("train", [0, 1], TokenizedTexts(tower, CAPTIONS), torch.device("cpu")).sum().backward()
     trained = {name for name, p in tower.named_parameters() if p.grad is not None}
     assert trained and all(name.startswith("model.encoder.layer.1.") for name in trained)
 
@@ -74,7 +76,7 @@ def test_gradients_flow_into_the_top_blocks_only(tiny_vit_towers):
 def test_memory_limit_stops_the_cache_growing_not_the_training(tiny_vit_towers):
     tower = _text_side(tiny_vit_towers, "unlock:1")
     cache = PrefixCache(tower, cut=1, limit_bytes=3 * tower.width * 4 * 4)  # room for ~3 short captions
-    out = cache.features("train", list(range(5)), CAPTIONS, torch.device("cpu"))
+    out = cache.features("train", list(range(5)), TokenizedTexts(tower, CAPTIONS), torch.device("cpu"))
     tokens = tower.tokenize(CAPTIONS)
     assert torch.allclose(out, tower(tokens["input_ids"], tokens["attention_mask"]), atol=1e-5)
     assert cache.full and cache.bytes <= cache.limit_bytes and "limit reached" in cache.describe()

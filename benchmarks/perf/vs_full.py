@@ -11,8 +11,8 @@ A method may carry training options after a slash: ``ln/ckpt`` (``--grad-checkpo
 Issue 6, target 2: ``ln``, ``ln+adapter`` and ``lora`` steps should take at most 0.5x the
 time of a ``full`` step and at most 0.4x its peak memory. Same towers (the offline pair),
 same demo pairs, batch 32. Each method runs in its own process: one epoch of
-``mlilt.train.train`` (checkpoints off), each call of its step (``mlilt.train._step``: tokenize,
-forward, loss, backward, clip, AdamW step; images are decoded and preprocessed inside the step
+``mlilt.train.train`` (checkpoints off), each call of its step (``mlilt.train._step``: forward,
+loss, backward, clip, AdamW step; captions are tokenized once before the first; images are decoded and preprocessed inside the step
 whenever the image tower trains, else their tower features come from the cache) timed. Methods run unanchored (as ``mlilt train --method M``) and,
 with ``--anchor``, anchored on a pack (``--method M --anchor PACK``: image side frozen).
 
@@ -88,7 +88,7 @@ def timed_training(training) -> tuple[list[float], list[float], dict]:
     step, prepare = training._step, training.ImageSource.prepare
 
     def timed_step(model, split, sources, batch, params, *rest, **kw):
-        seen["tokens"].append(token_positions(model.text.tower, [split.captions[i] for i in batch]))
+        seen["tokens"].append(token_positions(sources[0].tokenized("train", split).lengths(batch)))
         seen["trainable"] = sum(p.numel() for p in params)
         started, cpu = time.perf_counter(), time.process_time()
         out = step(model, split, sources, batch, params, *rest, **kw)
@@ -106,11 +106,10 @@ def timed_training(training) -> tuple[list[float], list[float], dict]:
     return times, one_off, seen
 
 
-def token_positions(tower, captions: list[str]) -> tuple[int, int, int]:
+def token_positions(lengths: list[int]) -> tuple[int, int, int]:
     """Caption token positions a step runs in length groups, in one padded batch, and real tokens."""
     from mlilt.encode import length_groups
 
-    lengths = [len(row) for row in tower.tokenize(captions, pad=False)["input_ids"]]
     grouped = sum(len(group) * max(lengths[i] for i in group) for group in length_groups(lengths))
     return grouped, len(lengths) * max(lengths), sum(lengths)
 

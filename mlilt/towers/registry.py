@@ -7,11 +7,12 @@ Loaded towers are kept per process, so several packs on the same towers share on
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlilt.defaults import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
-from mlilt.errors import MliltError, UsageError
+from mlilt.errors import TowerLoadError, UsageError
 from mlilt.towers.image import HFVisionTower, ImageTower, OpenClipImageTower, TimmImageTower
 from mlilt.towers.preprocess import ImagePreprocess
 from mlilt.towers.text import HFTextTower, sentence_transformers_layout
@@ -40,10 +41,6 @@ HUB_EXAMPLES = (
 )
 
 _loaded: dict[tuple, object] = {}
-
-
-class TowerLoadError(MliltError):
-    """A tower id that could not be turned into a tower."""
 
 
 def register_tower(tower) -> None:
@@ -100,17 +97,26 @@ def _build_text_tower(spec, pooling, max_length, prefix) -> HFTextTower:
         settings["pooling"] = pooling
     if prefix is not None:
         settings["prefix"] = prefix
-    return HFTextTower(spec, model, tokenizer, **settings)
+    return HFTextTower(spec, model, tokenizer, **settings, load_tokenizer=functools.partial(_hf_tokenizer, folder, spec))
+
+
+def _hf_tokenizer(source, spec):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise TowerLoadError(_unreachable(spec, "a Hugging Face text model", error)) from error
 
 
 def _hf_text_model(source, spec):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # load reports and bars would bury our own messages
     hf_logging.disable_progress_bar()
+    tokenizer = _hf_tokenizer(source, spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
         try:  # the pooler is never used (we pool the last hidden state): don't build it
             model = AutoModel.from_pretrained(str(source), trust_remote_code=False, add_pooling_layer=False)
         except TypeError:

@@ -6,9 +6,11 @@ import hashlib
 import json
 from enum import Enum
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+from mlilt.errors import TowerLoadError
 from mlilt.towers.base import Tower
 
 # Config keys that name where or by which library version a model was saved: they do not
@@ -22,22 +24,58 @@ class Pooling(str, Enum):
     cls = "cls"
 
 
+class TokenizerSlot:
+    """A tower's tokenizer, which it can hand back while it is not needed and load again on
+    next use. XLM-R's 250,002-piece Unigram model takes ~270 MB in the Rust ``tokenizers``
+    library; training tokenizes every caption once and then needs none of it. One slot is
+    shared by a tower and its training copies, so handing it back frees it for all."""
+
+    def __init__(self, tokenizer, load: Callable[[], Any] | None = None):
+        self._tokenizer = tokenizer
+        self._load = load  # None: cannot be loaded again (a tokenizer object given in Python)
+        self.digest = tokenizer_digest(tokenizer)
+
+    def get(self):
+        if self._tokenizer is None:
+            tokenizer = self._load()
+            if tokenizer_digest(tokenizer) != self.digest:
+                raise TowerLoadError("the text tower's tokenizer changed on disk since it was loaded; "
+                                     "load the tower again")
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def hand_back(self) -> bool:
+        """Drop the tokenizer until next use; False (kept) when it could not be loaded again."""
+        if self._load is None or self._tokenizer is None:
+            return False
+        self._tokenizer = None
+        return True
+
+
 class HFTextTower(Tower):
-    """A frozen Hugging Face encoder plus its tokenizer, pooling and optional text prefix."""
+    """A frozen Hugging Face encoder plus its tokenizer, pooling and optional text prefix.
+    ``load_tokenizer`` loads the same tokenizer again: with it, the tokenizer may be handed
+    back while training runs (``TokenizerSlot``)."""
 
     side = "text"
 
-    def __init__(self, spec: str, model, tokenizer, pooling: str = "mean", max_length: int = 64, prefix: str = ""):
+    def __init__(self, spec: str, model, tokenizer, pooling: str = "mean", max_length: int = 64, prefix: str = "",
+                 load_tokenizer: Callable[[], Any] | None = None):
         pooling = Pooling(pooling).value
+        slot = TokenizerSlot(tokenizer, load_tokenizer)
         model_config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
         config = {"pooling": pooling, "max_length": max_length, "prefix": prefix, "model": model_config,
-                  "tokenizer_sha256": tokenizer_digest(tokenizer)}
+                  "tokenizer_sha256": slot.digest}
         super().__init__(spec, model.config.hidden_size, config)
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer_slot = slot
         self.pooling = pooling
         self.max_length = max_length
         self.prefix = prefix
+
+    @property
+    def tokenizer(self):
+        return self.tokenizer_slot.get()
 
     def tokenize(self, texts: list[str], pad: bool = True) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest text of this batch, never to a fixed length."""
