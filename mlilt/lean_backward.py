@@ -11,11 +11,7 @@ a third of everything kept. Two exact changes, made on a training copy only:
   module (timm's ``BatchNormAct2d``, frozen statistics, trained scale and shift) keeps only
   the norm's input, not also the activation's output. The backward pass recomputes the
   norm's output from it (the same kernel, so the same bits) for the clamp's mask: one
-  elementwise pass. That halves what is left after lean convolutions on effnet-lite0.
-  Where the norm's input is the output of a frozen convolution that is cheap to redo and
-  whose own input is smaller (an inverted residual's 1x1 expansion, a CNN's stem), it keeps
-  that smaller input instead and redoes the convolution in the backward pass (same kernel,
-  same bits): the early, wide expansions hold most of what a CNN keeps for little compute;
+  elementwise pass. That halves what is left after lean convolutions on effnet-lite0;
 - ``recompute_norm_activations`` (``--recompute-norms``): the other fused norm + activation
   modules (SiLU, GELU, ...) keep only their input and recompute their forward in the
   backward pass through autograd (more passes than the clamp's shortcut).
@@ -41,19 +37,16 @@ def lean_convolutions(tower: nn.Module) -> int:
     """Frozen 2-D convolutions of ``tower`` stop keeping their inputs; returns how many."""
     convs = [m for m in tower.modules() if isinstance(m, nn.Conv2d) and not _trains(m)]
     for conv in convs:
-        conv.forward = _with_lean_conv2d(conv, conv.forward)
+        conv.forward = _with_lean_conv2d(conv.forward)
     return len(convs)
 
 
 def lean_norm_clamps(tower: nn.Module) -> int:
     """Fused BatchNorm (frozen statistics) + ReLU/ReLU6 modules whose scale and shift train
-    keep only the norm's input, or the smaller input of the cheap frozen convolution before
-    them; returns how many."""
+    keep only the norm's input; returns how many."""
     found = [m for m in tower.modules() if _clamp_bounds(m) is not None and _trains(m)]
     for module in found:
         module.forward = _with_lean_norm_clamp(module, module.forward)
-    for conv in _cheap_convolutions_before(tower, found):
-        conv.lean_redo_output = True  # its output carries how to redo it (see conv2d_keeping_weight_only)
     return len(found)
 
 
@@ -66,32 +59,6 @@ def recompute_norm_activations(tower: nn.Module) -> int:
     for module in found:
         module.forward = checkpointed(module.forward)  # the same wrapper as --grad-checkpointing's blocks
     return len(found)
-
-
-# A convolution is redone in the backward pass only when it costs at most this many
-# multiply-adds x 2 per output entry: effnet-lite0's stem (54) and its expansions from 16, 24
-# and 40 channels (32-80), which hold ~300 MB of a batch of 32's kept inputs for ~4 GFLOP.
-# The later, deeper expansions (from 80+ channels) save less per FLOP. benchmarks/perf/levers.py.
-REDO_FLOPS_PER_OUTPUT = 96
-
-
-def _cheap_convolutions_before(tower: nn.Module, norms: list[nn.Module]) -> list[nn.Conv2d]:
-    """The frozen convolutions registered just before one of ``norms`` in the same parent
-    (timm's conv_pw/bn1, conv_stem/bn1) and cheap to redo. The order is only a hint: a norm
-    uses a convolution's recipe only if its input is that very output, unchanged."""
-    chosen = set(map(id, norms))
-    found = []
-    for parent in tower.modules():
-        children = list(parent.children())
-        for before, module in zip(children, children[1:]):
-            if (id(module) in chosen and isinstance(before, nn.Conv2d) and not _trains(before)
-                    and _flops_per_output(before) <= REDO_FLOPS_PER_OUTPUT):
-                found.append(before)
-    return found
-
-
-def _flops_per_output(conv: nn.Conv2d) -> int:
-    return 2 * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
 
 
 def _trains(module: nn.Module) -> bool:
@@ -117,13 +84,10 @@ def _with_lean_norm_clamp(module: nn.Module, forward: Callable) -> Callable:
     low, high = _clamp_bounds(module)
 
     def run(x):
-        recipe = x.__dict__.pop(_RECIPE, None)  # the output of a frozen convolution: how to redo it
         if module.training or not torch.is_grad_enabled():  # batch statistics, or nothing kept anyway
             return forward(x)
-        norm = (module.weight, module.bias, module.running_mean, module.running_var, module.eps, low, high)
-        if recipe is not None and recipe.redoes(x):
-            return _RedoneConvNormClamp.apply(x, *norm, *recipe.inputs, recipe.settings)
-        return _FrozenStatsNormClamp.apply(x, *norm)
+        return _FrozenStatsNormClamp.apply(x, module.weight, module.bias, module.running_mean, module.running_var,
+                                           module.eps, low, high)
     run.lean_norm_clamp = True
     return run
 
@@ -140,35 +104,14 @@ class _FrozenStatsNormClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, mean, var = ctx.saved_tensors
-        return *_norm_clamp_backward(ctx, grad, x, weight, bias, mean, var), None, None, None, None, None
-
-
-class _RedoneConvNormClamp(torch.autograd.Function):
-    """The same, for x = conv2d(conv_input, ...) of a frozen convolution: keeps conv_input
-    (smaller) instead of x, and redoes the convolution in the backward pass."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, low, high, conv_input, conv_weight, conv_bias, conv_settings):
-        ctx.save_for_backward(conv_input, conv_weight, conv_bias, weight, bias, mean, var)
-        ctx.settings = (eps, low, high)
-        ctx.conv_settings = conv_settings
-        return _norm(x, weight, bias, mean, var, eps).clamp_(low, high)
-
-    @staticmethod
-    def backward(ctx, grad):
-        conv_input, conv_weight, conv_bias, weight, bias, mean, var = ctx.saved_tensors
-        x = _redo_conv2d(conv_input, conv_weight, conv_bias, ctx.conv_settings)
-        return *_norm_clamp_backward(ctx, grad, x, weight, bias, mean, var), *(None,) * 9
-
-
-def _norm_clamp_backward(ctx, grad, x, weight, bias, mean, var):
-    """Gradients of clamp(batch_norm(x)) for x, weight and bias."""
-    eps, low, high = ctx.settings
-    pre = _norm(x, weight, bias, mean, var, eps)  # bit for bit the forward's
-    # The clamp's gradient, written over ``pre`` (no second buffer).
-    torch.ops.aten.hardtanh_backward.grad_input(grad, pre, low, high, grad_input=pre)
-    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    return torch.ops.aten.native_batch_norm_backward(pre, x, weight, mean, var, None, None, False, eps, wanted)
+        eps, low, high = ctx.settings
+        pre = _norm(x, weight, bias, mean, var, eps)  # bit for bit the forward's
+        # The clamp's gradient, written over ``pre`` (no second buffer).
+        torch.ops.aten.hardtanh_backward.grad_input(grad, pre, low, high, grad_input=pre)
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            pre, x, weight, mean, var, None, None, False, eps, wanted)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _norm(x, weight, bias, mean, var, eps):
@@ -176,67 +119,32 @@ def _norm(x, weight, bias, mean, var, eps):
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
 
 
-def _with_lean_conv2d(conv: nn.Conv2d, forward: Callable) -> Callable:
+def _with_lean_conv2d(forward: Callable) -> Callable:
     # The module's own forward runs unchanged (timm's Conv2dSame pads first); only the
     # conv2d call inside it is swapped.
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation: nothing is kept anyway
             return forward(*args, **kwargs)
-        with _LeanConv2d(with_recipe=getattr(conv, "lean_redo_output", False)):
+        with _LeanConv2d():
             return forward(*args, **kwargs)
     return run
 
 
 class _LeanConv2d(TorchFunctionMode):
-    def __init__(self, with_recipe: bool = False):
-        super().__init__()
-        self.with_recipe = with_recipe
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.conv2d:
-            return conv2d_keeping_weight_only(*args, with_recipe=self.with_recipe, **kwargs)
+            return conv2d_keeping_weight_only(*args, **kwargs)
         return func(*args, **kwargs)
 
 
-def conv2d_keeping_weight_only(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                               with_recipe: bool = False):
-    """``torch.conv2d``; when only the input needs a gradient, autograd keeps just the weight.
-    ``with_recipe``: the output also carries how to redo it, for the norm that follows."""
-    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    if not (torch.is_grad_enabled() and frozen and not isinstance(padding, str)):
+def conv2d_keeping_weight_only(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``torch.conv2d``; when only the input needs a gradient, autograd keeps just the weight."""
+    lean = (torch.is_grad_enabled() and input.requires_grad and not weight.requires_grad
+            and (bias is None or not bias.requires_grad) and not isinstance(padding, str))
+    if not lean:
         return torch.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    settings = (_pair(stride), _pair(padding), _pair(dilation), groups)
-    if input.requires_grad:
-        output = _FrozenConv2d.apply(input, weight, bias, *settings)
-    else:  # a stem over pixels: nothing needs a gradient, nothing is kept, but the norm after may redo it
-        output = torch.conv2d(input, weight, bias, *settings)
-    if with_recipe:
-        device = input.device.type  # autocast decides the kernel's dtype: the redo must run under the same
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        output.__dict__[_RECIPE] = _ConvRecipe((input, weight, bias), (*settings, device, autocast), output._version)
-    return output
-
-
-_RECIPE = "_mlilt_conv_recipe"
-
-
-class _ConvRecipe:
-    """How to redo a frozen convolution's output: its inputs and settings."""
-
-    def __init__(self, inputs: tuple, settings: tuple, version: int):
-        self.inputs, self.settings, self.version = inputs, settings, version
-
-    def redoes(self, output: torch.Tensor) -> bool:
-        """Worth keeping the input instead of ``output``: smaller, and ``output`` unchanged since."""
-        return output._version == self.version and self.inputs[0].numel() < output.numel()
-
-
-def _redo_conv2d(input, weight, bias, settings) -> torch.Tensor:
-    """The forward's convolution again: same arguments, same autocast, so the same kernel and bits."""
-    stride, padding, dilation, groups, device, autocast = settings
-    with torch.no_grad(), torch.autocast(device, dtype=autocast, enabled=autocast is not None):
-        return torch.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return _FrozenConv2d.apply(input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
 
 
 class _FrozenConv2d(torch.autograd.Function):
