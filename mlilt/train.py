@@ -191,7 +191,7 @@ class TextSource:
 
     def prepare(self, train_split: Split, val_split: Split) -> None:
         """Every caption tokenized once. The tokenizer is then handed back for the rest of the
-        run (XLM-R's: ~270 MB) when the tower can load it again, and its memory returned."""
+        run (XLM-R's: ~250 MB) when the tower can load it again, and its memory returned."""
         for name, split in (("train", train_split), ("val", val_split)):
             self.tokenized(name, split)
         slot = getattr(self.encoder.tower, "tokenizer_slot", None)

@@ -26,7 +26,7 @@ class Pooling(str, Enum):
 
 class TokenizerSlot:
     """A tower's tokenizer, which it can hand back while it is not needed and load again on
-    next use. XLM-R's 250,002-piece Unigram model takes ~270 MB in the Rust ``tokenizers``
+    next use. XLM-R's 250,002-piece Unigram model takes ~250 MB in the Rust ``tokenizers``
     library; training tokenizes every caption once and then needs none of it. One slot is
     shared by a tower and its training copies, so handing it back frees it for all."""
 

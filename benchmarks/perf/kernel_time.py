@@ -1,0 +1,121 @@
+"""Where a training step's CPU time goes: user vs kernel, page faults, peak memory, per
+allocator setting (and, optionally, per checkout of mlilt).
+
+    python benchmarks/perf/kernel_time.py [--method ln] [--anchor PACK] [--settings 16M,4M,heap]
+                                          [--trees PATH,...] [--pairs 500] [--repeats 2]
+
+Each (checkout, setting) runs in its own process: one epoch of ``mlilt.train.train`` on the
+demo pairs, batch 32, one torch thread; each step's user and system CPU seconds and minor
+page faults (``getrusage``) are taken, and the median after the first two steps is reported
+with the process's peak resident set (VmHWM). The settings run in alternating order over
+``--repeats`` so a noisy minute does not fall on one of them only.
+
+Settings: ``16M`` is mlilt's own (huge pages, glibc mmap threshold 16 MiB); ``4M``/``2M``/...
+the same with another threshold, and ``16M/4k`` without huge pages (4 KiB pages, PyTorch's
+64-byte alignment instead of 2 MiB); ``heap`` keeps every block in glibc's heap (no mmap, no trim,
+no huge pages: ``MALLOC_MMAP_MAX_=0``), so a step reuses memory instead of faulting fresh,
+zeroed pages in. ``--trees`` measures other checkouts of this repository (``git worktree add``)
+with the same driver: their ``mlilt`` is imported instead of this one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, demo_data, emit, machine, peak_rss_mb, run_child, table  # noqa: E402
+
+SMALL_PAGES = {"THP_MEM_ALLOC_ENABLE": "0"}
+HEAP_ONLY = {"MLILT_MALLOC": "default", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def run_setting(args) -> dict:
+    """Child: one epoch with this allocator setting; per-step rusage deltas."""
+    sys.path.insert(0, args.tree)  # this checkout's mlilt, before the installed one
+    if args.setting != "heap":
+        os.environ["MLILT_MALLOC"] = "huge-pages"  # train() then leaves the threshold set here alone
+    from mlilt.allocator import fix_mmap_threshold, tune_allocator
+    tune_allocator()
+    if args.setting != "heap":
+        fix_mmap_threshold(parse_size(args.setting.split("/")[0]))
+    import mlilt
+    import mlilt.train as training
+    from mlilt.train_config import TrainConfig
+
+    step, deltas = training._step, []
+
+    def measured_step(*a, **kw):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        out = step(*a, **kw)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        deltas.append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
+                       after.ru_minflt - before.ru_minflt))
+        return out
+
+    training._step = measured_step
+    config = TrainConfig(lang="sw", data=args.pairs_file, out=str(Path(tempfile.mkdtemp(dir=args.work)) / "pack"),
+                         method=args.method, anchor=args.anchor or None, epochs=1, batch_size=32, holdout=2,
+                         checkpoint_every=0)
+    training.train(config)
+    steady = deltas[2:] or deltas
+    user, system, faults = (statistics.median(column) for column in zip(*steady))
+    return {"mlilt": str(Path(mlilt.__file__).parent.parent), "user_s": user, "sys_s": system, "faults": faults,
+            "peak_mb": peak_rss_mb(), "steps": len(deltas)}
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="ln")
+    parser.add_argument("--anchor", default="", help="train against this pack (image side frozen)")
+    parser.add_argument("--settings", default="16M,4M,heap", help="allocator settings, see above")
+    parser.add_argument("--trees", default=str(REPO), help="checkouts of mlilt to measure (comma-separated)")
+    parser.add_argument("--pairs", type=int, default=500, help="demo scenes (80%% train: 12 steps at 500)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        emit(run_setting(args))
+        return
+    work = Path(tempfile.mkdtemp(prefix="mlilt-kernel-"))
+    pairs_file = demo_data(work / "demo", ["sw"], args.pairs) / "sw" / "train.jsonl"
+    cells = [(tree, setting) for tree in args.trees.split(",") for setting in args.settings.split(",")]
+    results: dict[tuple, list[dict]] = {cell: [] for cell in cells}
+    for repeat in range(args.repeats):
+        for tree, setting in (cells if repeat % 2 == 0 else cells[::-1]):
+            child = ["--child", "--setting", setting, "--tree", tree, "--pairs-file", str(pairs_file),
+                     "--work", str(work), "--method", args.method, "--anchor", args.anchor]
+            env = {"MLILT_CACHE": str(work / "mlilt_cache"), "OMP_NUM_THREADS": "1",
+                   **(HEAP_ONLY if setting == "heap" else {}), **(SMALL_PAGES if setting.endswith("/4k") else {})}
+            result = run_child(__file__, child, env=env)
+            if Path(result["mlilt"]).resolve() != Path(tree).resolve():
+                raise SystemExit(f"{tree}: the child imported mlilt from {result['mlilt']}")
+            results[(tree, setting)].append(result)
+            print(f"{tree} {setting}: user {result['user_s']:.3f} s, system {result['sys_s']:.3f} s, "
+                  f"{result['faults']:.0f} faults per step, peak {result['peak_mb']:.0f} MB", flush=True)
+    print(f"\nmachine: {machine()}\n{args.method}{' anchored on ' + args.anchor if args.anchor else ''}; "
+          f"batch 32; 1 torch thread; median per step after the first two; median over {args.repeats} runs\n")
+    rows = []
+    for (tree, setting), runs in results.items():
+        med = {key: statistics.median(r[key] for r in runs) for key in ("user_s", "sys_s", "faults", "peak_mb")}
+        rows.append([tree, setting, f"{med['user_s']:.2f}", f"{med['sys_s']:.2f}",
+                     f"{med['user_s'] + med['sys_s']:.2f}", f"{med['faults']:,.0f}", f"{med['peak_mb']:,.0f}"])
+    print(table(["checkout", "allocator", "user s/step", "system s/step", "CPU s/step", "minor faults/step",
+                 "peak MB"], rows))
+
+
+if __name__ == "__main__":
+    main()
