@@ -14,7 +14,7 @@ from mlilt.packs import PACK_TENSORS
 from mlilt.towers import registry
 from mlilt.train import train
 from mlilt.train_config import TrainConfig
-from tiny_towers import tiny_text_tower
+from tiny_towers import save_tiny_text_tower, tiny_text_tower
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,10 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def tower_folder(tmp_path):
     """The tiny BERT saved as a Hugging Face folder: a tower the registry can load again."""
-    tower = tiny_text_tower()
     folder = tmp_path / "tiny-bert-folder"
-    tower.model.save_pretrained(folder)
-    tower.tokenizer.save_pretrained(folder)
+    save_tiny_text_tower(folder)
     yield folder
     for key in [k for k in registry._loaded if k[:2] == ("text", str(folder))]:
         del registry._loaded[key]

@@ -13,16 +13,13 @@ from transformers import ViTImageProcessor
 from mlilt.errors import MliltError
 from mlilt.towers.registry import load_image_tower, load_text_tower
 from mlilt.towers.text import HFTextTower
-from tiny_towers import tiny_hf_vit, tiny_text_tower
+from tiny_towers import save_tiny_text_tower, tiny_hf_vit, tiny_text_tower
 
 
 @pytest.fixture
 def saved_text_model(tmp_path):
-    tower = tiny_text_tower()
     folder = tmp_path / "tiny-bert"
-    tower.model.save_pretrained(folder)
-    tower.tokenizer.save_pretrained(folder)
-    return tower, folder
+    return save_tiny_text_tower(folder), folder
 
 
 def test_text_tower_from_a_local_folder_matches_the_original(saved_text_model):

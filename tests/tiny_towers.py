@@ -33,6 +33,14 @@ def tiny_text_tower(seed: int = 0) -> HFTextTower:
                        max_length=32).freeze()
 
 
+def save_tiny_text_tower(folder) -> HFTextTower:
+    """``tiny_text_tower()`` saved as a Hugging Face folder (model and tokenizer) at ``folder``."""
+    tower = tiny_text_tower()
+    tower.model.save_pretrained(folder)
+    tower.tokenizer.save_pretrained(folder)
+    return tower
+
+
 def tiny_hf_vit() -> HFVisionTower:
     torch.manual_seed(1)
     config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
