@@ -39,16 +39,16 @@ def test_training_hands_the_tokenizer_back_and_trains_the_same_pack(tiny_cnn_tow
     generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
     data = tmp_path / "data" / "sw" / "train.jsonl"
     kept = _train(data, tmp_path / "kept", "tiny-bert-0")  # a tower given in Python: its tokenizer stays
-    assert registry.load_text_tower("tiny-bert-0").tokenizer_slot._tokenizer is not None
+    assert registry.load_text_tower("tiny-bert-0").tokenizer_slot.held
     handed_back = _train(data, tmp_path / "handed-back", str(tower_folder))
     tower = registry.load_text_tower(str(tower_folder), max_length=32)
     slot = tower.tokenizer_slot
-    assert slot._tokenizer is None  # handed back before the first step, and not needed since
+    assert not slot.held  # handed back before the first step, and not needed since
     assert kept.keys() == handed_back.keys()
     for name, tensor in kept.items():
         assert torch.equal(tensor, handed_back[name]), name  # same token ids, same training
     ids = tower.tokenize(["a red circle"])["input_ids"]  # loaded again on use
-    assert slot._tokenizer is not None and ids.tolist() == [[2, 4, 7, 11, 3]]
+    assert slot.held and ids.tolist() == [[2, 4, 7, 11, 3]]
 
 
 def test_a_tokenizer_changed_on_disk_is_refused_when_loaded_again(tower_folder):

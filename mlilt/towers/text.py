@@ -44,9 +44,14 @@ class TokenizerSlot:
             self._tokenizer = tokenizer
         return self._tokenizer
 
+    @property
+    def held(self) -> bool:
+        """Whether the tokenizer is in memory now."""
+        return self._tokenizer is not None
+
     def hand_back(self) -> bool:
         """Drop the tokenizer until next use; False (kept) when it could not be loaded again."""
-        if self._load is None or self._tokenizer is None:
+        if self._load is None or not self.held:
             return False
         self._tokenizer = None
         return True
