@@ -23,13 +23,15 @@ unchanged, and evaluation (no gradient) runs the plain forward.
 from __future__ import annotations
 
 import math
-from typing import Callable
+import weakref
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
+from mlilt.bit_mask import InsideMask
 from mlilt.grad_checkpoint import checkpointed
 
 
@@ -86,8 +88,11 @@ def _with_lean_norm_clamp(module: nn.Module, forward: Callable) -> Callable:
     def run(x):
         if module.training or not torch.is_grad_enabled():  # batch statistics, or nothing kept anyway
             return forward(x)
-        return _FrozenStatsNormClamp.apply(x, module.weight, module.bias, module.running_mean, module.running_var,
-                                           module.eps, low, high)
+        norm = (module.weight, module.bias, module.running_mean, module.running_var, module.eps, low, high)
+        conv_fed = _smaller_conv_input(x)
+        if conv_fed is not None:
+            return _ConvFedNormClamp.apply(x, *conv_fed, *norm)
+        return _FrozenStatsNormClamp.apply(x, *norm)
     run.lean_norm_clamp = True
     return run
 
@@ -112,6 +117,71 @@ class _FrozenStatsNormClamp(torch.autograd.Function):
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             pre, x, weight, mean, var, None, None, False, eps, wanted)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+class _ConvFedNormClamp(torch.autograd.Function):
+    """clamp(batch_norm(x), low, high) with running statistics, where ``x`` = conv(z, W) + b
+    came from a frozen convolution over a smaller input ``z`` (a 1x1 expansion): keeps ``z``
+    and a bit per element for the clamp, instead of ``x``.
+
+    The scale's gradient is sum(g * (x - mean)) / std per channel, g being the gradient inside
+    the clamp, and sum(g * x) = sum(W * dW) + b * sum(g), where dW is the convolution's weight
+    gradient for (z, g): one weight-gradient convolution stands in for ``x``. The gradients
+    are the same up to float rounding (the sums run in another order)."""
+
+    @staticmethod
+    def forward(ctx, x, conv_input, conv, weight, bias, mean, var, eps, low, high):
+        pre = _norm(x, weight, bias, mean, var, eps)
+        ctx.inside = InsideMask.of(pre, low, high)
+        ctx.save_for_backward(conv_input, weight, mean, var)  # conv_input: checked for in-place changes
+        ctx.conv, ctx.eps = conv, eps
+        return pre.clamp_(low, high)
+
+    @staticmethod
+    def backward(ctx, grad):
+        conv_input, weight, mean, var = ctx.saved_tensors
+        conv: _FrozenConv = ctx.conv
+        inside = ctx.inside.apply(grad)
+        shift_grad = inside.sum((0, 2, 3))
+        inverse_std = torch.rsqrt(var + ctx.eps)
+        scale_grad = None
+        if ctx.needs_input_grad[3]:
+            conv_weight_grad = torch.ops.aten.convolution_backward(
+                inside, conv_input, conv.weight, None, conv.stride, conv.padding, conv.dilation,
+                False, [0, 0], conv.groups, (False, True, False))[1]
+            times_x = (conv_weight_grad * conv.weight).sum((1, 2, 3))  # sum(g * conv(z, W)) per channel
+            if conv.bias is not None:
+                times_x = times_x + conv.bias * shift_grad
+            scale_grad = (times_x - mean * shift_grad) * inverse_std
+        grad_x = inside.mul_((weight * inverse_std).view(1, -1, 1, 1)) if ctx.needs_input_grad[0] else None
+        return (grad_x, None, None, scale_grad, shift_grad if ctx.needs_input_grad[4] else None,
+                None, None, None, None, None)
+
+
+class _FrozenConv(NamedTuple):
+    """A frozen convolution's weight and settings."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+
+_CONV_INPUT = "_mlilt_frozen_conv_input"  # set on a lean convolution's output
+
+
+def _smaller_conv_input(x: torch.Tensor) -> tuple[torch.Tensor, _FrozenConv] | None:
+    """The input and convolution ``x`` came from, when that input is still alive, takes at
+    most half the elements of ``x`` and nothing was cast on the way (autocast)."""
+    found = getattr(x, _CONV_INPUT, None)
+    if found is None:
+        return None
+    input_ref, conv = found
+    conv_input = input_ref()
+    if conv_input is None or not (x.dtype == conv_input.dtype == conv.weight.dtype):
+        return None
+    return (conv_input, conv) if conv_input.numel() * 2 <= x.numel() else None
 
 
 def _norm(x, weight, bias, mean, var, eps):
@@ -144,7 +214,12 @@ def conv2d_keeping_weight_only(input, weight, bias=None, stride=1, padding=0, di
             and (bias is None or not bias.requires_grad) and not isinstance(padding, str))
     if not lean:
         return torch.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    return _FrozenConv2d.apply(input, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
+    conv = _FrozenConv(weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
+    out = _FrozenConv2d.apply(input, *conv)
+    # For a BatchNorm + clamp next (_ConvFedNormClamp). A weak reference: it must not keep
+    # the input alive where something else keeps ``out`` (a BatchNorm without clamp does).
+    setattr(out, _CONV_INPUT, (weakref.ref(input), conv))
+    return out
 
 
 class _FrozenConv2d(torch.autograd.Function):

@@ -1,0 +1,160 @@
+"""BatchNorm + clamp after a frozen expanding convolution keeps the convolution's smaller
+input and a bit mask instead of its own input, and gives the same gradients.
+
+The scale's gradient then comes from the convolution's weight gradient, so it is the same
+up to float rounding, not bit for bit (``mlilt/lean_backward.py``).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+from mlilt.bit_mask import CHUNK, InsideMask
+from mlilt.lean_backward import conv2d_keeping_weight_only, lean_convolutions, lean_norm_clamps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BATCH, SIZE, WIDE = 4, 16, 24
+
+
+def _expansion_block(bias: bool, act: type[nn.Module]) -> nn.Module:
+    """An inverted residual as in EfficientNet: a stem, a 1x1 expansion 4 -> 24 into
+    BatchNorm + clamp, a strided depthwise convolution, a projection back."""
+    torch.manual_seed(7)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.bn0 = BatchNormAct2d(4, act_layer=act)
+            self.expand = nn.Conv2d(4, WIDE, 1, bias=bias)
+            self.bn1 = BatchNormAct2d(WIDE, act_layer=act)
+            self.dw = nn.Conv2d(WIDE, WIDE, 3, stride=2, padding=1, groups=WIDE, bias=False)
+            self.bn2 = BatchNormAct2d(WIDE, act_layer=act)
+            self.project = nn.Conv2d(WIDE, 4, 1, bias=False)
+            self.bn3 = BatchNormAct2d(4, apply_act=False)
+
+        def forward(self, x):
+            x = self.bn0(self.stem(x))
+            return self.bn3(self.project(self.bn2(self.dw(self.bn1(self.expand(x)))))).mean((2, 3))
+
+    model = Block().eval().to(memory_format=torch.channels_last)
+    norms = [model.bn0, model.bn1, model.bn2, model.bn3]
+    for bn in norms:  # statistics far from 0 and 1, as in a trained CNN: the sums may cancel
+        bn.running_mean.uniform_(-3.0, 3.0)
+        bn.running_var.uniform_(0.2, 4.0)
+        bn.weight.data.uniform_(0.5, 2.0)
+        bn.bias.data.uniform_(-1.0, 1.0)
+    model.requires_grad_(False)
+    for bn in norms:
+        bn.weight.requires_grad_(True)
+        bn.bias.requires_grad_(True)
+    return model
+
+
+def _run(model: nn.Module, pixels: torch.Tensor, bf16: bool = False):
+    """Output, the shapes and dtypes of what autograd keeps, and the parameter gradients."""
+    kept = []
+
+    def pack(tensor):
+        if not isinstance(tensor, nn.Parameter):
+            kept.append((tuple(tensor.shape), tensor.dtype, tensor.numel() * tensor.element_size()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(pixels)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), kept, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _pixels() -> torch.Tensor:
+    pixels = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    return pixels.contiguous(memory_format=torch.channels_last)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.ReLU])
+@pytest.mark.parametrize("bias", [False, True])
+def test_expansion_keeps_its_smaller_input_and_gives_the_same_gradients(bias, act):
+    plain = _expansion_block(bias, act)
+    lean = copy.deepcopy(plain)
+    lean_convolutions(lean)
+    assert lean_norm_clamps(lean) == 3
+    plain_out, plain_kept, plain_grads = _run(plain, _pixels())
+    lean_out, lean_kept, lean_grads = _run(lean, _pixels())
+    expanded = (BATCH, WIDE, SIZE, SIZE)
+    assert (expanded, torch.float32) in {(shape, dtype) for shape, dtype, _ in plain_kept}
+    assert (expanded, torch.float32) not in {(shape, dtype) for shape, dtype, _ in lean_kept}
+    assert ((BATCH, 4, SIZE, SIZE), torch.float32) in {(shape, dtype) for shape, dtype, _ in lean_kept}
+    assert sum(size for *_, size in lean_kept) < 0.6 * sum(size for *_, size in plain_kept)
+    assert torch.equal(lean_out, plain_out)  # the forward pass is unchanged
+    reference = copy.deepcopy(plain).double()  # float64: how far each float32 path is off
+    _, _, exact = _run(reference, _pixels().double())
+    assert lean_grads.keys() == plain_grads.keys() == exact.keys()
+    for name, grad in plain_grads.items():
+        plain_error, lean_error = _relative(grad.double(), exact[name]), _relative(lean_grads[name].double(), exact[name])
+        assert lean_error < max(10 * plain_error, 1e-6), (name, lean_error, plain_error)
+
+
+def test_under_autocast_the_norm_keeps_its_own_input():
+    """bf16 autocast casts between the convolution and the norm: the plain lean path runs."""
+    plain = _expansion_block(False, nn.ReLU6)
+    lean = copy.deepcopy(plain)
+    lean_convolutions(lean)
+    lean_norm_clamps(lean)
+    plain_out, _, plain_grads = _run(plain, _pixels(), bf16=True)
+    lean_out, _, lean_grads = _run(lean, _pixels(), bf16=True)
+    assert torch.equal(lean_out, plain_out)
+    for name, grad in plain_grads.items():
+        assert torch.equal(lean_grads[name], grad), name
+
+
+def test_changing_the_kept_input_in_place_is_an_error_not_a_wrong_gradient():
+    lean = _expansion_block(False, nn.ReLU6)
+    lean_convolutions(lean)
+    lean_norm_clamps(lean)
+    z = lean.bn0(lean.stem(_pixels()))
+    out = lean.bn1(lean.expand(z))
+    z.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_a_lean_convolution_does_not_keep_its_input_alive():
+    """A norm without clamp keeps the convolution's output: the input must still be freed."""
+    weight = torch.randn(WIDE, 4, 1, 1)
+    z = torch.randn(BATCH, 4, SIZE, SIZE, requires_grad=True) * 1.0
+    out = conv2d_keeping_weight_only(z, weight)
+    input_ref = weakref.ref(z)
+    del z
+    gc.collect()
+    assert input_ref() is None and out.requires_grad
+
+
+# More than one chunk and not whole bytes; one partial byte only; whole bytes.
+@pytest.mark.parametrize("shape", [(2, 3, 130, 131), (1, 5, 3, 3), (3, 8, 8, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_bit_mask_gives_the_clamps_own_mask(shape, channels_last):
+    generator = torch.Generator().manual_seed(1)
+    y = torch.randn(shape, generator=generator) * 4
+    assert shape != (2, 3, 130, 131) or y.numel() > CHUNK
+    y.view(-1)[:40] = torch.tensor([0.0, -0.0, 6.0, 5.9999995, 1e-45, -1e-45, 6.0000005, 3.0] * 5)  # the bounds
+    grad = torch.randn(shape, generator=generator)
+    if channels_last:
+        y, grad = y.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+    mask = InsideMask.of(y, 0.0, 6.0)
+    assert mask.bits.numel() == -(-y.numel() // 8)
+    masked = mask.apply(grad)
+    assert torch.equal(masked, torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0))
+    assert masked.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.equal(InsideMask.of(y, 0.0, float("inf")).apply(grad), grad * (y > 0))
