@@ -3,7 +3,7 @@
 Autograd saves, for every convolution, its input: the weight gradient needs it. When the
 weight is frozen only the input gradient is wanted, and that needs the weight alone, yet
 PyTorch keeps the input all the same. In a CNN whose BatchNorm scales train (``ln``), that is
-a third of everything kept. Two exact changes, made on a training copy only:
+a third of everything kept. Changes made on a training copy only:
 
 - ``lean_convolutions`` (always, in a tower that trains): convolutions with frozen weights
   keep nothing but the weight; it costs no time;
@@ -11,13 +11,19 @@ a third of everything kept. Two exact changes, made on a training copy only:
   module (timm's ``BatchNormAct2d``, frozen statistics, trained scale and shift) keeps only
   the norm's input, not also the activation's output. The backward pass recomputes the
   norm's output from it (the same kernel, so the same bits) for the clamp's mask: one
-  elementwise pass. That halves what is left after lean convolutions on effnet-lite0;
+  elementwise pass. That halves what is left after lean convolutions on effnet-lite0.
+  Where that input is a frozen convolution's output over an input at most half its size (a
+  1x1 expansion in an inverted residual), the module keeps that smaller input and a bit per
+  element for the clamp instead (``_ConvFedNormClamp``), half as much again on effnet-lite0
+  (``benchmarks/perf/levers.py``);
 - ``recompute_norm_activations`` (``--recompute-norms``): the other fused norm + activation
   modules (SiLU, GELU, ...) keep only their input and recompute their forward in the
   backward pass through autograd (more passes than the clamp's shortcut).
 
-Gradients are bit for bit the same (``tests/test_training_speed_paths.py``). Like the gradient
-checkpointing wrapper, both are set on a module's ``forward`` attribute: names and packs are
+Gradients are bit for bit the same (``tests/test_training_speed_paths.py``), except behind a
+frozen expanding convolution, where the scale's gradient is summed in another order: the
+same to float rounding (``tests/test_conv_fed_norms.py``). Like the gradient
+checkpointing wrapper, each is set on a module's ``forward`` attribute: names and packs are
 unchanged, and evaluation (no gradient) runs the plain forward.
 """
 from __future__ import annotations
@@ -43,12 +49,13 @@ def lean_convolutions(tower: nn.Module) -> int:
     return len(convs)
 
 
-def lean_norm_clamps(tower: nn.Module) -> int:
+def lean_norm_clamps(tower: nn.Module, conv_inputs: bool = True) -> int:
     """Fused BatchNorm (frozen statistics) + ReLU/ReLU6 modules whose scale and shift train
-    keep only the norm's input; returns how many."""
+    keep only the norm's input, or with ``conv_inputs`` the smaller input of the frozen
+    convolution before them where there is one; returns how many."""
     found = [m for m in tower.modules() if _clamp_bounds(m) is not None and _trains(m)]
     for module in found:
-        module.forward = _with_lean_norm_clamp(module, module.forward)
+        module.forward = _with_lean_norm_clamp(module, module.forward, conv_inputs)
     return len(found)
 
 
@@ -82,14 +89,14 @@ def _clamp_bounds(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def _with_lean_norm_clamp(module: nn.Module, forward: Callable) -> Callable:
+def _with_lean_norm_clamp(module: nn.Module, forward: Callable, conv_inputs: bool) -> Callable:
     low, high = _clamp_bounds(module)
 
     def run(x):
         if module.training or not torch.is_grad_enabled():  # batch statistics, or nothing kept anyway
             return forward(x)
         norm = (module.weight, module.bias, module.running_mean, module.running_var, module.eps, low, high)
-        conv_fed = _smaller_conv_input(x)
+        conv_fed = _smaller_conv_input(x) if conv_inputs else None
         if conv_fed is not None:
             return _ConvFedNormClamp.apply(x, *conv_fed, *norm)
         return _FrozenStatsNormClamp.apply(x, *norm)

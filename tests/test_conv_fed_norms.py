@@ -158,3 +158,15 @@ def test_the_bit_mask_gives_the_clamps_own_mask(shape, channels_last):
     assert torch.equal(masked, torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0))
     assert masked.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert torch.equal(InsideMask.of(y, 0.0, float("inf")).apply(grad), grad * (y > 0))
+
+
+def test_without_conv_inputs_the_norm_keeps_its_own_input_bit_for_bit():
+    plain = _expansion_block(True, nn.ReLU6)
+    lean = copy.deepcopy(plain)
+    lean_convolutions(lean)
+    lean_norm_clamps(lean, conv_inputs=False)
+    _, _, plain_grads = _run(plain, _pixels())
+    _, lean_kept, lean_grads = _run(lean, _pixels())
+    assert ((BATCH, WIDE, SIZE, SIZE), torch.float32) in {(shape, dtype) for shape, dtype, _ in lean_kept}
+    for name, grad in plain_grads.items():
+        assert torch.equal(lean_grads[name], grad), name

@@ -7,7 +7,8 @@ On the offline towers, one process, one torch thread, CPU seconds (median of ``-
 * image: effnet-lite0 with ``ln`` over a batch of images, contiguous vs channels-last layout
   (forward with autograd, its backward, forward without autograd);
 * kept: what autograd keeps for that backward pass, by kind, plain / with frozen convolutions
-  keeping no inputs / with ``--recompute-norms`` as well, and what each costs in time;
+  keeping no inputs / with ``--recompute-norms`` or lean BatchNorm-ReLU6 as well, what each
+  costs in time and how far its gradients are from the plain ones (relative difference);
 * attention: the text tower with ``ln+adapter`` over a batch of demo captions, forward and
   backward, in fp32 and under bf16 autocast with the flash and the math attention kernel, and
   (one profiled run each) the share of that time spent in matrix products and their GFLOP/s.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import functools
 import statistics
 import sys
 import tempfile
@@ -94,10 +96,13 @@ def kept_rows(args) -> list[list[str]]:
 
     pixels = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     base = image_side("channels_last")
-    rows = []
+    rows, reference = [], None
     for name, levers in (("plain", ()), ("frozen convolutions keep no inputs", (lean_convolutions,)),
                          ("+ --recompute-norms", (lean_convolutions, recompute_norm_activations)),
-                         ("+ BatchNorm-ReLU6 keeps its input only", (lean_convolutions, lean_norm_clamps))):
+                         ("+ BatchNorm-ReLU6 keeps its input only",
+                          (lean_convolutions, functools.partial(lean_norm_clamps, conv_inputs=False))),
+                         ("+ after a frozen expansion, its smaller input and a bit mask (mlilt's default)",
+                          (lean_convolutions, lean_norm_clamps))):
         side = copy.deepcopy(base)
         for lever in levers:
             lever(side.tower)
@@ -112,9 +117,28 @@ def kept_rows(args) -> list[list[str]]:
             side(pixels)
         by_kind = kept_by_kind(side, pixels) if not levers else {}
         seconds = cpu_seconds(lambda: side(pixels).square().sum().backward(), args.repeats)
+        grads = gradients(side, pixels)
+        reference = reference or grads
         rows.append([name, f"{sum(hooked.values()):,.0f}"] +
-                    [f"{by_kind[kind]:,.0f}" if kind in by_kind else "" for kind in KINDS] + [f"{seconds:.2f}"])
+                    [f"{by_kind[kind]:,.0f}" if kind in by_kind else "" for kind in KINDS] + [f"{seconds:.2f}"] +
+                    gradient_difference(grads, reference))
     return rows
+
+
+def gradients(side, pixels) -> dict:
+    """The trained parameters' gradients for one fixed loss over the batch."""
+    import torch
+    side.zero_grad(set_to_none=True)
+    out = side(pixels)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return {name: p.grad.clone() for name, p in side.named_parameters() if p.grad is not None}
+
+
+def gradient_difference(grads: dict, reference: dict) -> list[str]:
+    """Median and largest relative difference (norm of the difference over the reference's
+    norm) over the parameters."""
+    differences = [float((grads[name] - ref).norm() / ref.norm()) for name, ref in reference.items()]
+    return [f"{statistics.median(differences):.1e}", f"{max(differences):.1e}"]
 
 
 KINDS = ("Convolution", "NativeBatchNorm", "Hardtanh")
@@ -179,7 +203,9 @@ def main() -> None:
     print(table(["image tower layout", "forward with autograd", "its backward", "forward without autograd"],
                 image_rows(args)), "\n", flush=True)
     print(table(["what the image side keeps for its backward pass (MB)", "total"] +
-                [f"kept by {kind}" for kind in KINDS] + ["forward + backward CPU s"], kept_rows(args)), "\n",
+                [f"kept by {kind}" for kind in KINDS] +
+                ["forward + backward CPU s", "gradients vs plain: median difference", "largest"],
+                kept_rows(args)), "\n",
           flush=True)
     print(table(["text tower ln+adapter, one batch", "forward + backward CPU s", "in matrix products (profiled)",
                  "their GFLOP/s"], attention_rows(args)))
