@@ -23,12 +23,15 @@ aligned allocations then never reuse a freed block of their own size, and the he
 every step's activations (without huge pages, ``benchmarks/perf/kernel_time.py``: an ``ln`` step
 spent 11% less CPU, none of it zeroing fresh pages, but peaked at 4.0 GB instead of 2.5 GB);
 a lower threshold (4 MiB: 150 MB off an ``ln`` peak for 15% more CPU, all of it the kernel
-zeroing pages); handing the heap's free memory back before every step
-(``malloc_trim``): 100-150 MB off an ``ln`` peak, but the steps that run the text tower only
-(anchored) took about a tenth longer, faulting the same memory in again.
+zeroing pages); handing the heap's free memory back before every step (``malloc_trim``) of
+every run: the steps that run the text tower only (anchored) took about a tenth longer,
+faulting the same memory in again.
 
-``return_free_memory`` trims the heap once, where a large object of many small blocks was just
-freed for good (training hands the tokenizer back: ~250 MB of small Rust allocations).
+``return_free_memory`` trims the heap where a large object of many small blocks was just freed
+for good (training hands the tokenizer back: ~250 MB of small Rust allocations), and before
+each training step that runs the image tower: such a step allocates GBs and takes seconds, the
+trim costs no measurable time there, and it took 270 MB off an ``ln`` peak
+(``benchmarks/perf/kernel_time.py``, benchmarks/perf/README.md).
 
 Set by the ``mlilt`` command and by ``mlilt.train.train``. ``MLILT_MALLOC=default`` leaves both
 alone; ``MLILT_MALLOC=huge-pages`` sets huge pages only. A user's own ``THP_MEM_ALLOC_ENABLE``

@@ -351,6 +351,11 @@ def _step(model, split: Split, sources, batch: list[int], params, optimizer, con
     """One optimizer step over the global ``batch``; (loss, None), or (None, what went
     non-finite) with no step taken. Every rank sees the same loss and the same gradient."""
     texts, images = sources
+    if not images.cached:
+        # A step that runs the image tower allocates GBs of activations, and the heap memory
+        # the last one freed stays resident: handed back, this step's peak counts only what
+        # it touches (benchmarks/perf/README.md, session 7).
+        return_free_memory()
     local = ranks.local_slice(batch)
     with _precision(config.bf16, ranks.device):
         text = ranks.gather(texts.embed("train", split, local).float())

@@ -335,3 +335,33 @@ def test_frozen_weights_cast_once_give_autocasts_own_bf16_result():
     for got, wanted in zip(outs["cached"], outs["plain"]):
         assert torch.equal(got, wanted)
     assert torch.equal(cached(x), plain(x))  # without autocast: the fp32 layer, as before
+
+
+def test_steps_that_run_the_image_tower_hand_free_heap_memory_back_first(tiny_cnn_towers, tmp_path, monkeypatch):
+    """Unanchored: before every step (its image activations are large); anchored: never
+    (text-only steps would fault the same memory in again)."""
+    import mlilt.train as training
+
+    generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
+    calls = {"trims": 0, "steps": 0}
+    trim, step = training.return_free_memory, training._step
+
+    def counted_trim():
+        calls["trims"] += 1
+        return trim()
+
+    def counted_step(*args, **kwargs):
+        calls["steps"] += 1
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "return_free_memory", counted_trim)
+    monkeypatch.setattr(training, "_step", counted_step)
+    counts = {}
+    for name, anchor in (("unanchored", None), ("anchored", str(tmp_path / "unanchored"))):
+        calls.update(trims=0, steps=0)
+        train(TrainConfig(lang="sw", data=str(tmp_path / "data" / "sw" / "train.jsonl"), out=str(tmp_path / name),
+                          text_tower="tiny-bert-0", image_tower="tiny-timm-cnn", embed_dim=16, epochs=2,
+                          batch_size=8, method="ln", anchor=anchor, checkpoint_every=0))
+        counts[name] = dict(calls)
+    assert counts["unanchored"]["steps"] >= 4 and counts["unanchored"]["trims"] == counts["unanchored"]["steps"]
+    assert counts["anchored"]["steps"] >= 4 and counts["anchored"]["trims"] == 0
