@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-CHUNK = 1 << 16  # elements per pass
+CHUNK = 1 << 16  # elements per pass on a CPU (a GPU takes the whole tensor in one pass)
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 # 8 bytes of 0/1, read as one little-endian int64 and multiplied by this, put byte i's bit on
 # bit 56 + i: the top byte is the 8 flags packed.
@@ -27,12 +27,13 @@ class InsideMask(NamedTuple):
     @classmethod
     def of(cls, y: torch.Tensor, low: float, high: float) -> InsideMask:
         flat, channels_last = memory_order(y)
+        chunk = _chunk(flat)
         bits = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8, device=y.device)
-        above = torch.empty(CHUNK, dtype=torch.bool, device=y.device)
+        above = torch.empty(chunk, dtype=torch.bool, device=y.device)
         below = torch.empty_like(above)
-        words = torch.empty(CHUNK // 8, dtype=torch.int64, device=y.device)
-        for start in range(0, flat.numel(), CHUNK):
-            part = flat[start:start + CHUNK]
+        words = torch.empty(-(-chunk // 8), dtype=torch.int64, device=y.device)
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start:start + chunk]
             n = part.numel()
             inside = torch.gt(part, low, out=above[:n]).logical_and_(torch.lt(part, high, out=below[:n]))
             if n % 8:  # the last chunk: padded to whole bytes
@@ -47,12 +48,18 @@ class InsideMask(NamedTuple):
         grad = grad.contiguous(memory_format=layout)
         out = torch.empty_like(grad, memory_format=layout)
         grad_flat, out_flat = memory_order(grad)[0], memory_order(out)[0]
-        for start in range(0, grad_flat.numel(), CHUNK):
-            n = min(CHUNK, grad_flat.numel() - start)
+        chunk, shifts = _chunk(grad_flat), _SHIFTS.to(grad.device)
+        for start in range(0, grad_flat.numel(), chunk):
+            n = min(chunk, grad_flat.numel() - start)
             bits = self.bits[start // 8:start // 8 + -(-n // 8)]
-            inside = ((bits.unsqueeze(-1) >> _SHIFTS) & 1).view(-1)[:n].view(torch.bool)
+            inside = ((bits.unsqueeze(-1) >> shifts) & 1).view(-1)[:n].view(torch.bool)
             torch.mul(grad_flat[start:start + n], inside, out=out_flat[start:start + n])
         return out
+
+
+def _chunk(flat: torch.Tensor) -> int:
+    """Elements per pass: a multiple of 8, so that only the last chunk has a partial byte."""
+    return CHUNK if flat.device.type == "cpu" else max(8, -(-flat.numel() // 8) * 8)
 
 
 def memory_order(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:

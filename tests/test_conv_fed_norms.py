@@ -15,6 +15,7 @@ import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
 
+from mlilt import bit_mask
 from mlilt.bit_mask import CHUNK, InsideMask
 from mlilt.lean_backward import conv2d_keeping_weight_only, lean_convolutions, lean_norm_clamps
 
@@ -144,7 +145,10 @@ def test_a_lean_convolution_does_not_keep_its_input_alive():
 # More than one chunk and not whole bytes; one partial byte only; whole bytes.
 @pytest.mark.parametrize("shape", [(2, 3, 130, 131), (1, 5, 3, 3), (3, 8, 8, 8)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_the_bit_mask_gives_the_clamps_own_mask(shape, channels_last):
+@pytest.mark.parametrize("one_pass", [False, True], ids=["cpu-chunks", "one-pass-as-on-gpu"])
+def test_the_bit_mask_gives_the_clamps_own_mask(shape, channels_last, one_pass, monkeypatch):
+    if one_pass:
+        monkeypatch.setattr(bit_mask, "CHUNK", 1 << 30)
     generator = torch.Generator().manual_seed(1)
     y = torch.randn(shape, generator=generator) * 4
     assert shape != (2, 3, 130, 131) or y.numel() > CHUNK
