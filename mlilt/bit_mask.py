@@ -29,13 +29,17 @@ class InsideMask(NamedTuple):
         flat, channels_last = memory_order(y)
         chunk = _chunk(flat)
         bits = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8, device=y.device)
-        above = torch.empty(chunk, dtype=torch.bool, device=y.device)
-        below = torch.empty_like(above)
+        ones = torch.ones((), dtype=y.dtype, device=y.device).expand(chunk)
+        passed = torch.empty(chunk, dtype=y.dtype, device=y.device)
+        flags = torch.empty(chunk, dtype=torch.bool, device=y.device)
         words = torch.empty(-(-chunk // 8), dtype=torch.int64, device=y.device)
         for start in range(0, flat.numel(), chunk):
             part = flat[start:start + chunk]
             n = part.numel()
-            inside = torch.gt(part, low, out=above[:n]).logical_and_(torch.lt(part, high, out=below[:n]))
+            # The clamp's own backward of ones: its mask by definition, in two passes where
+            # low < y and y < high took three.
+            torch.ops.aten.hardtanh_backward.grad_input(ones[:n], part, low, high, grad_input=passed[:n])
+            inside = torch.ne(passed[:n], 0, out=flags[:n])
             if n % 8:  # the last chunk: padded to whole bytes
                 inside = torch.cat([inside, inside.new_zeros(8 - n % 8)])
             packed = torch.mul(inside.view(torch.uint8).view(torch.int64), _GATHER, out=words[:inside.numel() // 8])
