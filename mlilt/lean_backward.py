@@ -14,15 +14,18 @@ a third of everything kept. Changes made on a training copy only:
   elementwise pass. That halves what is left after lean convolutions on effnet-lite0.
   Where that input is a frozen convolution's output over an input at most half its size (a
   1x1 expansion in an inverted residual), the module keeps that smaller input and a bit per
-  element for the clamp instead (``_ConvFedNormClamp``), half as much again on effnet-lite0
+  element for the clamp instead (``_ConvFedNormClamp``): 42% less again on effnet-lite0
   (``benchmarks/perf/levers.py``);
 - ``recompute_norm_activations`` (``--recompute-norms``): the other fused norm + activation
   modules (SiLU, GELU, ...) keep only their input and recompute their forward in the
   backward pass through autograd (more passes than the clamp's shortcut).
 
-Gradients are bit for bit the same (``tests/test_training_speed_paths.py``), except behind a
-frozen expanding convolution, where the scale's gradient is summed in another order: the
-same to float rounding (``tests/test_conv_fed_norms.py``). Like the gradient
+Lean convolutions and recomputed norms give bit for bit the same gradients
+(``tests/test_training_speed_paths.py``). The norm-clamp paths give the same to float
+rounding: the first is bit for bit where the incoming gradient has the norm's own layout (on
+effnet-lite0 the head's, from global pooling, has not: 3.3e-6 relative), and behind a frozen
+expansion the scale's gradient is summed in another order (``tests/test_conv_fed_norms.py``;
+``benchmarks/perf/levers.py`` prints each lever's difference). Like the gradient
 checkpointing wrapper, each is set on a module's ``forward`` attribute: names and packs are
 unchanged, and evaluation (no gradient) runs the plain forward.
 """
