@@ -22,11 +22,12 @@ class InsideMask(NamedTuple):
     """Where low < y < high, a bit per element of ``y`` in its memory order."""
     bits: torch.Tensor
     shape: torch.Size
-    channels_last: bool
+    layout: torch.memory_format
 
     @classmethod
     def of(cls, y: torch.Tensor, low: float, high: float) -> InsideMask:
-        flat, channels_last = memory_order(y)
+        layout = memory_format(y)
+        flat = _flat(y, layout)
         chunk = _chunk(flat)
         bits = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8, device=y.device)
         ones = torch.ones((), dtype=y.dtype, device=y.device).expand(chunk)
@@ -44,14 +45,13 @@ class InsideMask(NamedTuple):
                 inside = torch.cat([inside, inside.new_zeros(8 - n % 8)])
             packed = torch.mul(inside.view(torch.uint8).view(torch.int64), _GATHER, out=words[:inside.numel() // 8])
             bits[start // 8:start // 8 + packed.numel()] = packed.bitwise_right_shift_(56)
-        return cls(bits, y.shape, channels_last)
+        return cls(bits, y.shape, layout)
 
     def apply(self, grad: torch.Tensor) -> torch.Tensor:
         """``grad`` where the mask is set and 0 elsewhere: a new tensor in the mask's layout."""
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        grad = grad.contiguous(memory_format=layout)
-        out = torch.empty_like(grad, memory_format=layout)
-        grad_flat, out_flat = memory_order(grad)[0], memory_order(out)[0]
+        grad = grad.contiguous(memory_format=self.layout)
+        out = torch.empty_like(grad, memory_format=self.layout)
+        grad_flat, out_flat = _flat(grad, self.layout), _flat(out, self.layout)
         chunk, shifts = _chunk(grad_flat), _SHIFTS.to(grad.device)
         for start in range(0, grad_flat.numel(), chunk):
             n = min(chunk, grad_flat.numel() - start)
@@ -66,10 +66,16 @@ def _chunk(flat: torch.Tensor) -> int:
     return CHUNK if flat.device.type == "cpu" else max(8, -(-flat.numel() // 8) * 8)
 
 
-def memory_order(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """A flat view of ``tensor`` in its memory order when it is channels-last (4-D), else a
-    flat contiguous copy or view; and whether it was channels-last."""
+def memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out so (and not also contiguous), else contiguous."""
     if (tensor.dim() == 4 and not tensor.is_contiguous()
             and tensor.is_contiguous(memory_format=torch.channels_last)):
-        return tensor.permute(0, 2, 3, 1).reshape(-1), True
-    return tensor.contiguous().view(-1), False
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _flat(tensor: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """``tensor``'s elements in the memory order of ``layout`` (a view where it is so laid out)."""
+    if layout is torch.channels_last:
+        return tensor.permute(0, 2, 3, 1).reshape(-1)
+    return tensor.contiguous().view(-1)

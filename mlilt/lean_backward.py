@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-from mlilt.bit_mask import InsideMask
+from mlilt.bit_mask import InsideMask, memory_format
 from mlilt.grad_checkpoint import checkpointed
 
 
@@ -237,7 +237,7 @@ class _FrozenConv2d(torch.autograd.Function):
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(weight)  # a parameter: saving it copies nothing
         ctx.input_shape = input.shape
-        ctx.input_format = _memory_format(input)
+        ctx.input_format = memory_format(input)
         ctx.settings = (stride, padding, dilation, groups)
         return torch.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
@@ -251,9 +251,3 @@ class _FrozenConv2d(torch.autograd.Function):
         grad_input = torch.ops.aten.convolution_backward(grad, shape_only, weight, None, stride, padding, dilation,
                                                          False, [0, 0], groups, (True, False, False))[0]
         return grad_input, None, None, None, None, None, None
-
-
-def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    if not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
