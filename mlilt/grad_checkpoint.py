@@ -28,7 +28,16 @@ def checkpoint_blocks(tower: nn.Module) -> int:
     for name in blocks:
         block = tower.get_submodule(name)
         block.forward = checkpointed(block.forward)
+        setattr(block, CHECKPOINTED, True)  # for code that runs the block's parts itself (towers/packed.py)
     return len(blocks)
+
+
+CHECKPOINTED = "mlilt_checkpointed"
+
+
+def is_checkpointed(block: nn.Module) -> bool:
+    """Whether ``checkpoint_blocks`` wrapped this block."""
+    return getattr(block, CHECKPOINTED, False)
 
 
 def checkpointed(forward: Callable) -> Callable:

@@ -16,9 +16,8 @@ from torch import nn
 
 from mlilt.encode import TokenizedTexts, run_in_length_groups
 from mlilt.towers.layout import find_layout
-from mlilt.towers.text import HFTextTower
-
-SELF_CHECK_TOLERANCE = 1e-4  # on pooled features; float noise is ~1e-6
+from mlilt.towers.packed import Packing, run_packed_blocks, same_features
+from mlilt.towers.text import HFTextTower, pool
 
 
 def first_trainable_block(tower: nn.Module) -> int | None:
@@ -55,24 +54,13 @@ def cut_point(tower: nn.Module) -> int | None:
     return cut if cut is not None and cut >= 1 else None  # below block 1 only the embeddings: not worth it
 
 
-def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, 1, S]: 0 where a token is kept, the dtype's minimum where it is padding."""
-    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
-
-def _run_layers(layers, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = _additive_mask(attention_mask, hidden.dtype)
+def _run_layers(layers, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """``layers`` through their own (padded) forward, for a tower that does not run padding-free."""
+    mask = packing.additive_mask(hidden.dtype)
     for layer in layers:
         out = layer(hidden, attention_mask=mask)
         hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns tuples
     return hidden
-
-
-def _pool(tower: HFTextTower, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    if tower.pooling == "cls":
-        return hidden[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 class PrefixCache:
@@ -109,13 +97,20 @@ class PrefixCache:
             if any((key, i) not in self.states for i in indices):  # the limit was reached or the check failed
                 return self._whole_tower(tokens, indices, device)
         states = [self.states[(key, i)] for i in indices]
+        if self.tower.runs_padding_free:  # only attention sees padding: one call for the batch
+            return self._top(states, device)
         return run_in_length_groups([len(state) for state in states],
                                     lambda group: self._top([states[j] for j in group], device))
 
     def _top(self, states: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """Pooled features from cached states: blocks ``cut``.. only."""
-        hidden, attention_mask = self._padded(states, device)
-        return _pool(self.tower, _run_layers(self.layers[self.cut:], hidden, attention_mask), attention_mask)
+        packing = Packing.of_lengths([len(state) for state in states], device)
+        packed = torch.cat(states).to(device)
+        if self.tower.runs_padding_free:
+            hidden = packing.unpack(run_packed_blocks(self.layers[self.cut:], packed, packing))
+        else:
+            hidden = _run_layers(self.layers[self.cut:], packing.unpack(packed), packing)
+        return pool(hidden, packing.attention_mask, self.tower.pooling)
 
     def _whole_tower(self, tokens: TokenizedTexts, indices: list[int], device: torch.device) -> torch.Tensor:
         input_ids, attention_mask = tokens.batch(indices)
@@ -125,11 +120,14 @@ class PrefixCache:
     def _fill(self, key: str, indices: list[int], tokens: TokenizedTexts, device: torch.device) -> None:
         input_ids, attention_mask = tokens.batch(indices)
         ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        packing = Packing(attention_mask)
         hidden = self.tower.model.embeddings(input_ids=ids)
-        hidden = _run_layers(self.layers[:self.cut], hidden, attention_mask)
-        lengths = attention_mask.sum(1).tolist()
-        for i, row, length in zip(indices, hidden, lengths):
-            state = row[:length].clone()  # unpadded: memory follows the real caption lengths
+        if self.tower.runs_padding_free:
+            packed = run_packed_blocks(self.layers[:self.cut], packing.pack(hidden), packing)
+        else:
+            packed = packing.pack(_run_layers(self.layers[:self.cut], hidden, packing))
+        for i, state in zip(indices, packed.split(attention_mask.sum(1).tolist())):
+            state = state.clone()  # unpadded: memory follows the real caption lengths
             size = state.numel() * state.element_size()
             if self.bytes + size > self.limit_bytes:
                 self.full = True
@@ -145,22 +143,11 @@ class PrefixCache:
             return
         split = self._top([self.states[(key, i)] for i in indices], device)
         whole = self._whole_tower(tokens, indices, device)
-        scale = whole.abs().max().clamp_min(1.0)
-        if not torch.allclose(split, whole, atol=SELF_CHECK_TOLERANCE * float(scale), rtol=0):
+        if not same_features(split, whole):
             self.states.clear()
             self.bytes, self.full = 0, True
             self.problem = (f"off: the split forward differs from the whole tower by "
                             f"{float((split - whole).abs().max()):.2g}; every step runs the whole tower")
-
-    def _padded(self, states: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-padded [B, S, width] states and their attention mask, S the longest here."""
-        longest = max(len(s) for s in states)
-        hidden = states[0].new_zeros(len(states), longest, states[0].shape[-1])
-        attention_mask = torch.zeros(len(states), longest, dtype=torch.long, device=states[0].device)
-        for row, state in enumerate(states):
-            hidden[row, :len(state)] = state
-            attention_mask[row, :len(state)] = 1
-        return hidden.to(device), attention_mask.to(device)
 
     def describe(self) -> str:
         if self.problem:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, ViTConfig, ViTModel
+from transformers import (BertConfig, BertModel, PreTrainedTokenizerFast, ViTConfig, ViTModel, XLMRobertaConfig,
+                          XLMRobertaModel)
 
 from mlilt.towers.image import HFVisionTower, OpenClipImageTower, TimmImageTower
 from mlilt.towers.preprocess import ImagePreprocess
@@ -31,6 +32,16 @@ def tiny_text_tower(seed: int = 0) -> HFTextTower:
                         intermediate_size=64, max_position_embeddings=64)
     return HFTextTower(f"tiny-bert-{seed}", BertModel(config, add_pooling_layer=False), tiny_tokenizer(),
                        max_length=32).freeze()
+
+
+def tiny_xlmr_text_tower(seed: int = 0, pooling: str = "mean") -> HFTextTower:
+    """XLM-R's layout: position ids counted from the padding token, as the offline me5 tower's
+    BERT is not."""
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(vocab_size=len(WORDS) + 4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    return HFTextTower(f"tiny-xlmr-{seed}", XLMRobertaModel(config, add_pooling_layer=False), tiny_tokenizer(),
+                       pooling=pooling, max_length=32).freeze()
 
 
 def save_tiny_text_tower(folder) -> HFTextTower:

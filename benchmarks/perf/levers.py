@@ -1,6 +1,6 @@
 """The single levers behind the training-step figures, each measured on its own.
 
-    python benchmarks/perf/levers.py [--repeats 3] [--batch-size 32]
+    python benchmarks/perf/levers.py [--repeats 3] [--batch-size 32] [--parts image,kept,text]
 
 On the offline towers, one process, one torch thread, CPU seconds (median of ``--repeats``):
 
@@ -9,9 +9,11 @@ On the offline towers, one process, one torch thread, CPU seconds (median of ``-
 * kept: what autograd keeps for that backward pass, by kind, plain / with frozen convolutions
   keeping no inputs / with ``--recompute-norms`` or lean BatchNorm-ReLU6 as well, what each
   costs in time and how far its gradients are from the plain ones (relative difference);
-* attention: the text tower with ``ln+adapter`` over a batch of demo captions, forward and
-  backward, in fp32 and under bf16 autocast with the flash and the math attention kernel, and
-  (one profiled run each) the share of that time spent in matrix products and their GFLOP/s.
+* text: the text tower with ``ln+adapter`` over random batches of demo captions (as training
+  draws them), forward and backward, in fp32 and under bf16 autocast (math attention kernel, as
+  ``--bf16`` trains): padded in length groups (the model's own forward) against padding-free
+  (``towers/packed.py``, one call per batch), and (one profiled run each) the share of that time
+  spent in matrix products and their GFLOP/s.
 """
 from __future__ import annotations
 
@@ -144,32 +146,53 @@ def gradient_difference(grads: dict, reference: dict) -> list[str]:
 KINDS = ("Convolution", "NativeBatchNorm", "Hardtanh")
 
 
-def attention_rows(args) -> list[list[str]]:
+def text_rows(args) -> list[list[str]]:
     import json
+    import random
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from mlilt.build import build_sides
+    from mlilt.encode import TokenizedTexts, run_in_length_groups
     from mlilt.towers.registry import load_text_tower
 
     work = Path(tempfile.mkdtemp(prefix="mlilt-levers-"))
-    pairs = demo_data(work / "demo", ["sw"], max(50, args.batch_size * 2)) / "sw" / "train.jsonl"
-    captions = [json.loads(line)["caption"] for line in pairs.read_text().splitlines()][:args.batch_size]
+    pairs = demo_data(work / "demo", ["sw"], max(400, args.batch_size * 4)) / "sw" / "train.jsonl"
+    captions = [json.loads(line)["caption"] for line in pairs.read_text().splitlines()]
     side = build_sides({"text": load_text_tower("me5-small")}, "ln+adapter", 256, seed=0)[0]["text"]
-    tokens = side.tower.tokenize(captions)
+    tokens = TokenizedTexts(side.tower, captions)
+    batches = [random.Random(i).sample(range(len(captions)), args.batch_size) for i in range(args.repeats)]
 
-    def step():
-        side(tokens["input_ids"], tokens["attention_mask"]).float().square().sum().backward()
+    def step(batch, padding_free):
+        side.tower.padding_free = padding_free
 
+        def run(group):
+            return side(*tokens.batch([batch[i] for i in group]))
+        everything = list(range(len(batch)))
+        features = run(everything) if padding_free else run_in_length_groups(tokens.lengths(batch), run)
+        features.float().square().sum().backward()
+
+    real = statistics.mean(sum(tokens.lengths(batch)) for batch in batches)
     rows = []
-    for name, bf16, backend in (("fp32, flash attention", False, SDPBackend.FLASH_ATTENTION),
-                                ("bf16 autocast, flash attention", True, SDPBackend.FLASH_ATTENTION),
-                                ("bf16 autocast, math attention", True, SDPBackend.MATH)):
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(backend):
-                step()
-        share, rate = matrix_products(run)
-        rows.append([name, f"{cpu_seconds(run, args.repeats):.3f}", f"{share:.0%}", f"{rate:.0f}"])
+    for name, bf16 in (("fp32", False), ("bf16 autocast, math attention", True)):
+        def run(padding_free, batch=batches[0]):
+            kernel = SDPBackend.MATH if bf16 else SDPBackend.FLASH_ATTENTION
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(kernel):
+                step(batch, padding_free)
+        layouts = {False: "padded, length groups", True: "padding-free, one call"}
+        seconds = {padding_free: [] for padding_free in layouts}
+        for padding_free in layouts:
+            run(padding_free)  # warm-up; the padding-free self-check runs on the first batch
+        for batch in batches:  # the two layouts alternate, so that a noisy minute hits both
+            for padding_free in layouts:
+                started = time.process_time()
+                run(padding_free, batch)
+                seconds[padding_free].append(time.process_time() - started)
+        for padding_free, layout in layouts.items():
+            share, rate = matrix_products(functools.partial(run, padding_free))
+            rows.append([f"{name}, {layout}", f"{statistics.median(seconds[padding_free]):.3f}", f"{share:.0%}",
+                         f"{rate:.0f}"])
+    print(f"text batches: {args.batch_size} captions, {real:.0f} real tokens on average", flush=True)
     return rows
 
 
@@ -194,21 +217,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--parts", default="image,kept,text", help="which tables: image, kept, text")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     import torch
     torch.set_num_threads(1)
     from mlilt.allocator import tune_allocator
     tune_allocator()  # as the mlilt command does
     print(f"machine: {machine()}; 1 torch thread; batch {args.batch_size}; CPU s, median of {args.repeats}\n")
-    print(table(["image tower layout", "forward with autograd", "its backward", "forward without autograd"],
-                image_rows(args)), "\n", flush=True)
-    print(table(["what the image side keeps for its backward pass (MB)", "total"] +
-                [f"kept by {kind}" for kind in KINDS] +
-                ["forward + backward CPU s", "gradients vs plain: median difference", "largest"],
-                kept_rows(args)), "\n",
-          flush=True)
-    print(table(["text tower ln+adapter, one batch", "forward + backward CPU s", "in matrix products (profiled)",
-                 "their GFLOP/s"], attention_rows(args)))
+    if "image" in parts:
+        print(table(["image tower layout", "forward with autograd", "its backward", "forward without autograd"],
+                    image_rows(args)), "\n", flush=True)
+    if "kept" in parts:
+        print(table(["what the image side keeps for its backward pass (MB)", "total"] +
+                    [f"kept by {kind}" for kind in KINDS] +
+                    ["forward + backward CPU s", "gradients vs plain: median difference", "largest"],
+                    kept_rows(args)), "\n", flush=True)
+    if "text" in parts:
+        print(table(["text tower ln+adapter, one batch", "forward + backward CPU s", "in matrix products (profiled)",
+                     "their GFLOP/s"], text_rows(args)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,7 @@ import torch
 
 from mlilt.errors import TowerLoadError
 from mlilt.towers.base import Tower
+from mlilt.towers.packed import packed_last_hidden, same_features, why_not_packable
 
 # Config keys that name where or by which library version a model was saved: they do not
 # change what it computes, so they stay out of the fingerprint.
@@ -77,6 +79,11 @@ class HFTextTower(Tower):
         self.pooling = pooling
         self.max_length = max_length
         self.prefix = prefix
+        # Per-token layers on the real tokens only (towers/packed.py); set False to run the
+        # model's own padded forward. ``packing_problem`` says why a tower cannot.
+        self.padding_free = True
+        self.packing_problem = why_not_packable(model)
+        self._packing_checked = False
 
     @property
     def tokenizer(self):
@@ -87,13 +94,41 @@ class HFTextTower(Tower):
         return self.tokenizer([self.prefix + text for text in texts], padding="longest" if pad else False,
                               truncation=True, max_length=self.max_length, return_tensors="pt" if pad else None)
 
+    @property
+    def runs_padding_free(self) -> bool:
+        return self.padding_free and self.packing_problem is None
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.calls.count += 1
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        if self.runs_padding_free:
+            features = pool(packed_last_hidden(self.model, input_ids, attention_mask), attention_mask, self.pooling)
+            if self._packing_checked or self._packing_agrees(features, input_ids, attention_mask):
+                return features
+        return pool(self._padded_last_hidden(input_ids, attention_mask), attention_mask, self.pooling)
+
+    def _padded_last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _packing_agrees(self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+        """Once per tower: the packed features must be the model's own, else packing stays off."""
+        self._packing_checked = True
+        with torch.no_grad():
+            reference = pool(self._padded_last_hidden(input_ids, attention_mask), attention_mask, self.pooling)
+        if same_features(features.detach(), reference):
+            return True
+        difference = float((features.detach().float() - reference.float()).abs().max())
+        self.packing_problem = f"its packed forward differs from the model's own by {difference:.2g}"
+        warnings.warn(f"text tower {self.spec}: padding-free forward turned off: {self.packing_problem}",
+                      stacklevel=3)
+        return False
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per caption: the first token's state (``cls``) or the mean over real tokens."""
+    if pooling == Pooling.cls.value:
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def tokenizer_digest(tokenizer) -> str:

@@ -1,0 +1,123 @@
+"""Padding-free forward for BERT-family text towers (BERT, XLM-R, mBERT, mE5).
+
+A batch of captions is padded to its longest caption, and every linear layer, LayerNorm, GELU,
+adapter and LoRA delta then costs as much on a padding position as on a real token (15% of the
+positions of a length-grouped training batch of demo captions, a quarter of a random one). Here
+the per-token layers run on the real tokens only, packed as [tokens, width]; attention alone
+sees the padded batch, one caption per row, because it mixes tokens of one caption.
+
+Each row of a per-token layer is computed on its own, so the result is the model's own forward
+(bit for bit on CPU in ``tests/test_padding_free.py``). The same module objects run, so
+methods that wrap or parametrize them (adapters, LoRA, trained LayerNorms) need nothing new.
+
+Used only for encoders with absolute positions, no decoder and no cross-attention
+(``why_not_packable``). The tower compares the packed forward with the model's own on its first
+batch and falls back for good if they disagree: a transformers release whose layers do more, or
+a subclass with its own ``forward``, cannot give wrong features silently.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlilt.grad_checkpoint import checkpointed, is_checkpointed
+
+SELF_CHECK_TOLERANCE = 1e-4  # relative to the features' largest value; float noise is ~1e-6
+
+
+class Packing:
+    """Where the real tokens of a padded batch are: packs [B, S, ...] into [N, ...] and back."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.shape = tuple(attention_mask.shape)
+        self.attention_mask = attention_mask
+        flat = attention_mask.reshape(-1).bool()
+        self.index = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # None: nothing to drop
+        self._additive: dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def of_lengths(cls, lengths: list[int], device: torch.device) -> "Packing":
+        """The packing of right-padded rows of these lengths."""
+        positions = torch.arange(max(lengths), device=device)
+        return cls((positions[None, :] < torch.tensor(lengths, device=device)[:, None]).long())
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        flat = padded.flatten(0, 1)
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] with zeros at the padding positions."""
+        if self.index is not None:
+            packed = packed.new_zeros(self.shape[0] * self.shape[1], *packed.shape[1:]).index_copy(
+                0, self.index, packed)
+        return packed.view(*self.shape, *packed.shape[1:])
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, 1, S]: 0 for a real key, the dtype's lowest value for padding. Built in the
+        query's dtype: fp32's lowest rounds to -inf in bf16, and a row of -inf gives NaN."""
+        if dtype not in self._additive:
+            keep = self.attention_mask[:, None, None, :].to(dtype)
+            self._additive[dtype] = (1.0 - keep) * torch.finfo(dtype).min
+        return self._additive[dtype]
+
+
+def why_not_packable(model: nn.Module) -> str | None:
+    """None if ``model`` is an encoder this module can run padding-free, else the reason."""
+    config = getattr(model, "config", None)
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if config is None or getattr(model, "embeddings", None) is None or not isinstance(layers, nn.ModuleList):
+        return "not a BERT-family encoder (embeddings, encoder.layer)"
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "a decoder or cross-attention model"
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return f"{config.position_embedding_type} position embeddings change attention"
+    for layer in layers:
+        attention = getattr(getattr(layer, "attention", None), "self", None)
+        parts = [getattr(attention, n, None) for n in ("query", "key", "value", "num_attention_heads",
+                                                          "attention_head_size")]
+        if any(part is None for part in parts) or not all(
+                hasattr(layer, n) for n in ("intermediate", "output")) or not hasattr(layer.attention, "output"):
+            return f"layers of class {type(layer).__name__} are not laid out as BERT's"
+    return None
+
+
+def packed_block(layer: nn.Module, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """One BERT layer on packed tokens [N, width]: what ``BertLayer.forward`` computes in eval
+    mode, with only the attention product on the padded batch."""
+    attention = layer.attention.self
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+    batch, length = packing.shape
+
+    def by_head(linear: nn.Module) -> torch.Tensor:
+        return packing.unpack(linear(hidden)).view(batch, length, heads, size).transpose(1, 2)
+
+    query = by_head(attention.query)
+    context = F.scaled_dot_product_attention(query, by_head(attention.key), by_head(attention.value),
+                                             attn_mask=packing.additive_mask(query.dtype), scale=size ** -0.5)
+    context = packing.pack(context.transpose(1, 2).reshape(batch, length, heads * size))
+    attended = layer.attention.output(context, hidden)
+    return layer.output(layer.intermediate(attended), attended)
+
+
+def run_packed_blocks(layers, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """``layers`` in turn over packed tokens; a layer wrapped for gradient checkpointing stays so."""
+    for layer in layers:
+        run = checkpointed(packed_block) if is_checkpointed(layer) else packed_block
+        hidden = run(layer, hidden, packing)
+    return hidden
+
+
+def packed_last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden state [B, S, width], zeros at padding positions. The embeddings
+    run on the padded batch: XLM-R derives position ids from where the padding is."""
+    packing = Packing(attention_mask)
+    hidden = packing.pack(model.embeddings(input_ids=input_ids))
+    return packing.unpack(run_packed_blocks(model.encoder.layer, hidden, packing))
+
+
+def same_features(candidate: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether two ways of computing the same features agree to float noise."""
+    scale = float(reference.abs().max().clamp_min(1.0)) if reference.numel() else 1.0
+    return candidate.shape == reference.shape and torch.allclose(
+        candidate.float(), reference.float(), atol=SELF_CHECK_TOLERANCE * scale, rtol=0)

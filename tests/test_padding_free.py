@@ -1,0 +1,204 @@
+"""The padding-free text forward: the linear layers see only real tokens, and the features and
+gradients are the model's own, for every method, both paddings, both poolings, bf16 autocast and
+gradient checkpointing. A tower it cannot run, or whose packed forward disagrees, runs padded."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mlilt.build import build_sides
+from mlilt.data.demo import generate_demo
+from mlilt.grad_checkpoint import checkpoint_blocks
+from mlilt.packs import PACK_TENSORS
+from mlilt.text_cache import PrefixCache
+from mlilt.encode import TokenizedTexts
+from mlilt.towers.packed import Packing, why_not_packable
+from mlilt.train import train
+from mlilt.train_config import TrainConfig
+from tiny_towers import tiny_text_tower, tiny_xlmr_text_tower
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CAPTIONS = ["a red circle", "a large small red blue green yellow circle square star", "ndogo na kubwa",
+            "a blue star left", "top", "green"]
+METHODS = ["ln", "ln+adapter", "lora", "bitfit", "unlock:1", "full-text"]
+
+
+def _trained_copy(tower, method):
+    """A training copy of ``tower`` with ``method`` applied, its new weights moved off their
+    initial values so that a wrong path cannot pass by leaving them at identity."""
+    side = build_sides({"text": tower}, method, 8, seed=0)[0]["text"]
+    with torch.no_grad():
+        for param in side.tower.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    return side.tower
+
+
+def _features_and_grads(tower, tokens, padding_free: bool):
+    tower.padding_free = padding_free
+    for param in tower.parameters():
+        param.grad = None
+    features = tower(tokens["input_ids"], tokens["attention_mask"])
+    (features * torch.linspace(-1, 1, features.shape[-1])).sum().backward()
+    grads = {name: param.grad for name, param in tower.named_parameters() if param.requires_grad}
+    return features.detach(), grads
+
+
+def _rows_into_the_query_layer(tower, run) -> list[int]:
+    rows = []
+    query = tower.model.encoder.layer[0].attention.self.query
+    handle = query.register_forward_hook(lambda module, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return rows
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("build, pooling, side", [(tiny_text_tower, "mean", "right"),
+                                                  (tiny_xlmr_text_tower, "mean", "right"),
+                                                  (tiny_xlmr_text_tower, "cls", "right"),
+                                                  (tiny_text_tower, "mean", "left")])
+def test_features_and_gradients_are_the_models_own(method, build, pooling, side):
+    base = build()
+    base.pooling = pooling
+    base.tokenizer.padding_side = side
+    tower = _trained_copy(base, method)
+    tokens = tower.tokenize(CAPTIONS)
+    real = int(tokens["attention_mask"].sum())
+    assert real < tokens["attention_mask"].numel()  # the batch has padding to drop
+    rows = _rows_into_the_query_layer(tower, lambda: _features_and_grads(tower, tokens, padding_free=True))
+    assert rows == [real, tokens["attention_mask"].numel()]  # real tokens only, then the one padded self-check
+    padded_features, padded_grads = _features_and_grads(tower, tokens, padding_free=False)
+    rows = _rows_into_the_query_layer(tower, lambda: _features_and_grads(tower, tokens, padding_free=True))
+    packed_features, packed_grads = _features_and_grads(tower, tokens, padding_free=True)
+    assert rows == [real]  # checked once: from now on the linear layers see the real tokens only
+    assert tower.runs_padding_free and tower.packing_problem is None
+    assert torch.equal(packed_features, padded_features)
+    assert packed_grads.keys() == padded_grads.keys() and packed_grads
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_batch_without_padding_runs_the_same_path():
+    tower = _trained_copy(tiny_text_tower(), "ln+adapter")
+    tokens = tower.tokenize(["a red circle", "a blue star"])
+    assert bool(tokens["attention_mask"].all())
+    packed, _ = _features_and_grads(tower, tokens, padding_free=True)
+    padded, _ = _features_and_grads(tower, tokens, padding_free=False)
+    assert torch.equal(packed, padded)
+
+
+def test_bf16_autocast_gives_the_models_own_features_and_finite_gradients():
+    tower = _trained_copy(tiny_text_tower(), "ln+adapter")
+    tokens = tower.tokenize(CAPTIONS)
+    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.MATH):
+        padded, _ = _features_and_grads(tower, tokens, padding_free=False)
+        packed, grads = _features_and_grads(tower, tokens, padding_free=True)
+    assert torch.equal(packed, padded)
+    assert all(bool(grad.isfinite().all()) for grad in grads.values())  # padded query rows never give NaN
+
+
+def test_gradient_checkpointing_still_applies_to_packed_blocks():
+    from test_grad_checkpoint import _saved_bytes
+
+    results = {}
+    for wrapped in (False, True):
+        tower = build_sides({"text": tiny_text_tower()}, "ln+adapter", 8, seed=0)[0]["text"].tower
+        if wrapped:
+            assert checkpoint_blocks(tower) == 2
+        tokens = tower.tokenize(CAPTIONS)
+        saved, features = _saved_bytes(lambda: tower(tokens["input_ids"], tokens["attention_mask"]))
+        features.square().sum().backward()
+        assert tower.runs_padding_free
+        results[wrapped] = saved, {n: p.grad for n, p in tower.named_parameters() if p.requires_grad}
+    (plain_saved, plain_grads), (ckpt_saved, ckpt_grads) = results[False], results[True]
+    assert ckpt_saved < plain_saved / 2, (ckpt_saved, plain_saved)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grad, ckpt_grads[name], atol=1e-6), name
+
+
+def test_a_tower_whose_layers_do_more_falls_back_with_a_warning():
+    tower = tiny_text_tower()
+    layer = tower.model.encoder.layer[1]
+    original = type(layer)
+
+    class Doubled(original):  # a subclass with its own forward: the packed path cannot know it
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            return (out[0] * 2,) + tuple(out[1:]) if isinstance(out, tuple) else out * 2
+
+    layer.__class__ = Doubled
+    tokens = tower.tokenize(CAPTIONS)
+    with pytest.warns(UserWarning, match="padding-free forward turned off"):
+        first = tower(tokens["input_ids"], tokens["attention_mask"])
+    assert not tower.runs_padding_free and "differs from the model's own" in tower.packing_problem
+    own = tower.model(**tokens).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose(first, (own * mask).sum(1) / mask.sum(1))
+    rows = _rows_into_the_query_layer(tower, lambda: tower(tokens["input_ids"], tokens["attention_mask"]))
+    assert rows == [tokens["attention_mask"].numel()]  # padded from now on, without checking again
+
+
+def test_towers_it_cannot_run_say_why_and_run_padded():
+    tower = tiny_text_tower()
+    tower.model.config.position_embedding_type = "relative_key"
+    assert "relative_key" in why_not_packable(tower.model)
+    assert why_not_packable(torch.nn.Linear(2, 2)) == "not a BERT-family encoder (embeddings, encoder.layer)"
+    assert why_not_packable(tiny_text_tower().model) is None
+    assert why_not_packable(tiny_xlmr_text_tower().model) is None
+
+
+def test_packing_round_trips_both_paddings():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    packing = Packing(mask)
+    padded = torch.arange(12.0).view(3, 4, 1) * mask.unsqueeze(-1)
+    packed = packing.pack(padded)
+    assert packed.flatten().tolist() == [0.0, 1.0, 2.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+    assert torch.equal(packing.unpack(packed), padded)
+    assert torch.equal(Packing.of_lengths([3, 1], torch.device("cpu")).attention_mask,
+                       torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    assert packing.additive_mask(torch.bfloat16).isfinite().all()  # fp32's lowest would be -inf here
+
+
+def test_prefix_cache_runs_the_top_blocks_padding_free():
+    tower = _trained_copy(tiny_text_tower(), "unlock:1")
+    tokens = TokenizedTexts(tower, CAPTIONS)
+    indices = list(range(len(CAPTIONS)))
+    cache = PrefixCache(tower, 1, 2**20)
+    cached = cache.features("train", indices, tokens, torch.device("cpu"))
+    assert cache.problem is None and len(cache.states) == len(CAPTIONS)
+    assert [len(state) for state in cache.states.values()] == tokens.lengths()
+    tower.padding_free = False
+    padded_cache = PrefixCache(tower, 1, 2**20)
+    padded = padded_cache.features("train", indices, tokens, torch.device("cpu"))
+    assert torch.allclose(cached, padded, atol=1e-6)
+    for key, state in cache.states.items():
+        assert torch.allclose(state, padded_cache.states[key], atol=1e-6)
+
+
+def test_training_padding_free_writes_the_same_pack(tiny_vit_towers, tmp_path):
+    generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
+    text = tiny_vit_towers["text"]
+    packs = {}
+    try:
+        for padding_free in (False, True):
+            text.padding_free = padding_free
+            config = TrainConfig(lang="sw", data=str(tmp_path / "data" / "sw" / "train.jsonl"),
+                                 out=str(tmp_path / str(padding_free)), text_tower="tiny-bert-0",
+                                 image_tower="tiny-timm-vit", embed_dim=16, epochs=2, batch_size=8,
+                                 method="ln+adapter", checkpoint_every=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # the self-check must not turn it off
+                packs[padding_free] = load_file(str(train(config).pack / PACK_TENSORS))
+    finally:
+        text.padding_free = True
+    assert packs[False].keys() == packs[True].keys()
+    for name, tensor in packs[False].items():
+        assert torch.allclose(tensor, packs[True][name], atol=1e-5), name
