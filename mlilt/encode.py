@@ -3,7 +3,8 @@
 Captions are tokenized once, sorted by token count and padded per batch to the longest caption
 of that batch, never to a fixed length: the text tower's cost follows the real tokens. A
 training batch keeps its random captions (they are each other's negatives) and is run in a few
-groups of similar length instead (``length_groups``): the same embeddings, less padding.
+groups of similar length instead (``length_groups``): the same embeddings, less padding. A tower
+that runs padding-free (``towers/packed.py``) takes the batch in one call instead.
 """
 from __future__ import annotations
 

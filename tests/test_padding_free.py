@@ -202,3 +202,24 @@ def test_training_padding_free_writes_the_same_pack(tiny_vit_towers, tmp_path):
     assert packs[False].keys() == packs[True].keys()
     for name, tensor in packs[False].items():
         assert torch.allclose(tensor, packs[True][name], atol=1e-5), name
+
+
+def test_packed_forward_keeps_less_for_the_backward_pass_than_the_padded_one():
+    tower = _trained_copy(tiny_text_tower(), "ln+adapter")
+    tokens = tower.tokenize(CAPTIONS)
+    frozen = {param.data_ptr() for param in tower.parameters()}
+    kept = {}
+    for padding_free in (True, False, True):  # the first packed call runs the self-check
+        tower.padding_free = padding_free
+        saved = {}
+
+        def keep(tensor):
+            if tensor.data_ptr() not in frozen:
+                saved[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            tower(tokens["input_ids"], tokens["attention_mask"])
+        kept[padding_free] = sum(saved.values())
+    real = int(tokens["attention_mask"].sum()) / tokens["attention_mask"].numel()
+    assert kept[True] < kept[False] * (real + 1) / 2, (kept, real)  # scattering rows keeps no copy of them

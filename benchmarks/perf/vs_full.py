@@ -107,7 +107,7 @@ def timed_training(training) -> tuple[list[float], list[float], dict]:
 
 
 def token_positions(lengths: list[int]) -> tuple[int, int, int]:
-    """Caption token positions a step runs in length groups, in one padded batch, and real tokens."""
+    """Caption token positions a step would run in length groups, in one padded batch, and its real tokens."""
     from mlilt.encode import length_groups
 
     grouped = sum(len(group) * max(lengths[i] for i in group) for group in length_groups(lengths))
@@ -180,8 +180,9 @@ def main() -> None:
     grouped, padded, real = zip(*[t for r in results for t in r["tokens"]])
     print(f"\nmachine: {machine()}")
     print(f"{args.threads} torch thread(s) per run; batch {args.batch_size}; caption token positions per batch, "
-          f"median: {median(grouped):.0f} in length groups, {median(padded):.0f} as one batch padded to its longest, "
-          f"{median(real):.0f} real tokens; median over steps after the first {args.warmup}\n")
+          f"median: {median(real):.0f} real tokens (all a padding-free text tower's linear layers see), "
+          f"{median(grouped):.0f} in length groups (other towers), {median(padded):.0f} as one batch padded to its "
+          f"longest; median over steps after the first {args.warmup}\n")
     print(report(results, args))
 
 

@@ -62,7 +62,11 @@ class TokenizerSlot:
 class HFTextTower(Tower):
     """A frozen Hugging Face encoder plus its tokenizer, pooling and optional text prefix.
     ``load_tokenizer`` loads the same tokenizer again: with it, the tokenizer may be handed
-    back while training runs (``TokenizerSlot``)."""
+    back while training runs (``TokenizerSlot``).
+
+    A BERT-family encoder runs padding-free (``towers/packed.py``): the same features, with
+    the per-token layers on the real tokens only. ``padding_free = False`` runs the model's
+    own padded forward instead; ``packing_problem`` says why a tower runs padded."""
 
     side = "text"
 
