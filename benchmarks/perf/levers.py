@@ -12,8 +12,8 @@ On the offline towers, one process, one torch thread, CPU seconds (median of ``-
 * text: the text tower with ``ln+adapter`` over random batches of demo captions (as training
   draws them), forward and backward, in fp32 and under bf16 autocast (math attention kernel, as
   ``--bf16`` trains): padded in length groups (the model's own forward) against padding-free
-  (``towers/packed.py``, one call per batch), and (one profiled run each) the share of that time
-  spent in matrix products and their GFLOP/s.
+  (``towers/packed.py``) in length groups (as training runs it) and in one call per batch, and
+  (one profiled run each) the share of that time spent in matrix products and their GFLOP/s.
 """
 from __future__ import annotations
 
@@ -163,34 +163,35 @@ def text_rows(args) -> list[list[str]]:
     tokens = TokenizedTexts(side.tower, captions)
     batches = [random.Random(i).sample(range(len(captions)), args.batch_size) for i in range(args.repeats)]
 
-    def step(batch, padding_free):
+    def step(batch, layout):
+        padding_free, grouped = layout
         side.tower.padding_free = padding_free
 
         def run(group):
             return side(*tokens.batch([batch[i] for i in group]))
-        everything = list(range(len(batch)))
-        features = run(everything) if padding_free else run_in_length_groups(tokens.lengths(batch), run)
+        features = run_in_length_groups(tokens.lengths(batch), run) if grouped else run(list(range(len(batch))))
         features.float().square().sum().backward()
 
     real = statistics.mean(sum(tokens.lengths(batch)) for batch in batches)
     rows = []
     for name, bf16 in (("fp32", False), ("bf16 autocast, math attention", True)):
-        def run(padding_free, batch=batches[0]):
+        def run(layout, batch=batches[0]):
             kernel = SDPBackend.MATH if bf16 else SDPBackend.FLASH_ATTENTION
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), sdpa_kernel(kernel):
-                step(batch, padding_free)
-        layouts = {False: "padded, length groups", True: "padding-free, one call"}
-        seconds = {padding_free: [] for padding_free in layouts}
-        for padding_free in layouts:
-            run(padding_free)  # warm-up; the padding-free self-check runs on the first batch
-        for batch in batches:  # the two layouts alternate, so that a noisy minute hits both
-            for padding_free in layouts:
+                step(batch, layout)
+        layouts = {(False, True): "padded, length groups", (True, True): "padding-free, length groups",
+                   (True, False): "padding-free, one call"}
+        seconds = {layout: [] for layout in layouts}
+        for layout in layouts:
+            run(layout)  # warm-up; the padding-free self-check runs on the first batch
+        for batch in batches:  # the layouts alternate, so that a noisy minute hits all of them
+            for layout in layouts:
                 started = time.process_time()
-                run(padding_free, batch)
-                seconds[padding_free].append(time.process_time() - started)
-        for padding_free, layout in layouts.items():
-            share, rate = matrix_products(functools.partial(run, padding_free))
-            rows.append([f"{name}, {layout}", f"{statistics.median(seconds[padding_free]):.3f}", f"{share:.0%}",
+                run(layout, batch)
+                seconds[layout].append(time.process_time() - started)
+        for layout, label in layouts.items():
+            share, rate = matrix_products(functools.partial(run, layout))
+            rows.append([f"{name}, {label}", f"{statistics.median(seconds[layout]):.3f}", f"{share:.0%}",
                          f"{rate:.0f}"])
     print(f"text batches: {args.batch_size} captions, {real:.0f} real tokens on average", flush=True)
     return rows

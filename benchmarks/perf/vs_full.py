@@ -180,9 +180,9 @@ def main() -> None:
     grouped, padded, real = zip(*[t for r in results for t in r["tokens"]])
     print(f"\nmachine: {machine()}")
     print(f"{args.threads} torch thread(s) per run; batch {args.batch_size}; caption token positions per batch, "
-          f"median: {median(real):.0f} real tokens (all a padding-free text tower's linear layers see), "
-          f"{median(grouped):.0f} in length groups (other towers), {median(padded):.0f} as one batch padded to its "
-          f"longest; median over steps after the first {args.warmup}\n")
+          f"median: {median(real):.0f} real tokens (what a padding-free tower's linear layers see), "
+          f"{median(grouped):.0f} in length groups (what its attention sees; every layer of other towers), "
+          f"{median(padded):.0f} as one batch padded to its longest; median over steps after the first {args.warmup}\n")
     print(report(results, args))
 
 
