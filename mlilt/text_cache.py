@@ -97,6 +97,8 @@ class PrefixCache:
             if any((key, i) not in self.states for i in indices):  # the limit was reached or the check failed
                 return self._whole_tower(tokens, indices, device)
         states = [self.states[(key, i)] for i in indices]
+        if self.tower.runs_padding_free:  # only attention sees padding: one call for the batch
+            return self._top(states, device)
         return run_in_length_groups([len(state) for state in states],
                                     lambda group: self._top([states[j] for j in group], device))
 

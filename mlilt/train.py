@@ -207,8 +207,8 @@ class TextSource:
             input_ids, attention_mask = tokens.batch([indices[i] for i in group])
             return self.encoder(input_ids.to(self.device), attention_mask.to(self.device))
         lengths = tokens.lengths(indices)
-        if lengths is None:  # a tower that only tokenizes padded batches
-            return run(list(range(len(indices))))
+        if lengths is None or getattr(self.encoder.tower, "runs_padding_free", False):
+            return run(list(range(len(indices))))  # padding-free: groups would only save attention padding
         return run_in_length_groups(lengths, run)  # same embeddings, less padding
 
     def tokenized(self, name: str, split: Split) -> TokenizedTexts:
