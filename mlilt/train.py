@@ -94,7 +94,8 @@ def _train(config: TrainConfig, console, ranks: Ranks) -> TrainResult:
     _check_split(len(train_split.captions), config.batch_size, ranks)
     model, report, anchor = _build_model(config)
     model.to(ranks.device)
-    texts, images = TextSource(model.text, config, ranks.device), ImageSource(model.image, config, ranks.device)
+    images = ImageSource(model.image, config, ranks.device)
+    texts = TextSource(model.text, config, ranks.device, whole_batches=images.cached)
     progress = TrainProgress(console)
     _warn_slow_bf16(config, ranks.device, console)
     texts.prepare(train_split, val_split)
@@ -182,9 +183,14 @@ def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, P
 class TextSource:
     """Caption embeddings; the frozen lower text blocks run once per caption when they can."""
 
-    def __init__(self, encoder: SideEncoder, config: TrainConfig, device: torch.device = torch.device("cpu")):
+    def __init__(self, encoder: SideEncoder, config: TrainConfig, device: torch.device = torch.device("cpu"),
+                 whole_batches: bool = True):
         self.encoder = encoder
         self.device = device
+        # A padding-free tower needs no length groups: one call per batch made its text step 3-12%
+        # faster, but in a step that also runs the image tower it kept 70-90 MB more at the peak
+        # (benchmarks/perf/README.md, session 8). There memory binds, so batches stay grouped.
+        self.whole_batches = whole_batches
         cut = cut_point(encoder.tower) if config.cache_text else None
         self.cache = PrefixCache(encoder.tower, cut, config.text_cache_mb * 2**20) if cut is not None else None
         self.tokens: dict[str, TokenizedTexts] = {}
@@ -207,8 +213,8 @@ class TextSource:
             input_ids, attention_mask = tokens.batch([indices[i] for i in group])
             return self.encoder(input_ids.to(self.device), attention_mask.to(self.device))
         lengths = tokens.lengths(indices)
-        if lengths is None or getattr(self.encoder.tower, "runs_padding_free", False):
-            return run(list(range(len(indices))))  # padding-free: groups would only save attention padding
+        if lengths is None or (self.whole_batches and getattr(self.encoder.tower, "runs_padding_free", False)):
+            return run(list(range(len(indices))))
         return run_in_length_groups(lengths, run)  # same embeddings, less padding
 
     def tokenized(self, name: str, split: Split) -> TokenizedTexts:

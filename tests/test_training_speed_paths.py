@@ -88,7 +88,7 @@ def test_a_training_batch_in_length_groups_gives_the_one_batch_embeddings_and_gr
     for grouped in (True, False):
         encoder.zero_grad()
         if grouped:
-            out = TextSource(encoder, config).embed("train", split, list(range(len(CAPTIONS))))
+            out = TextSource(encoder, config, whole_batches=False).embed("train", split, list(range(len(CAPTIONS))))
         else:  # the plain path: one batch padded to its longest caption
             tokens = encoder.tower.tokenize(CAPTIONS)
             out = encoder(tokens["input_ids"], tokens["attention_mask"])
