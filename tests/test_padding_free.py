@@ -153,6 +153,9 @@ def test_towers_it_cannot_run_say_why_and_run_padded():
     assert "relative_key" in why_not_packable(tower.model)
     assert why_not_packable(torch.nn.Linear(2, 2)) == "not a BERT-family encoder (embeddings, encoder.layer)"
     assert why_not_packable(tiny_text_tower().model) is None
+    other = tiny_text_tower()
+    del other.model.encoder.layer[1].attention.self.key  # a layer without the parts the packed path calls
+    assert why_not_packable(other.model) == "layers of class BertLayer are not laid out as BERT's"
     assert why_not_packable(tiny_xlmr_text_tower().model) is None
 
 

@@ -88,13 +88,18 @@ def why_not_packable(model: nn.Module) -> str | None:
     if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
         return f"{config.position_embedding_type} position embeddings change attention"
     for layer in layers:
-        attention = getattr(getattr(layer, "attention", None), "self", None)
-        parts = [getattr(attention, n, None) for n in ("query", "key", "value", "num_attention_heads",
-                                                          "attention_head_size")]
-        if any(part is None for part in parts) or not all(
-                hasattr(layer, n) for n in ("intermediate", "output")) or not hasattr(layer.attention, "output"):
+        if not _laid_out_as_bert(layer):
             return f"layers of class {type(layer).__name__} are not laid out as BERT's"
     return None
+
+
+def _laid_out_as_bert(layer: nn.Module) -> bool:
+    """Whether ``layer`` has the parts ``packed_block`` calls."""
+    attention = getattr(layer, "attention", None)
+    scores = getattr(attention, "self", None)
+    needed = [(scores, name) for name in ("query", "key", "value", "num_attention_heads", "attention_head_size")]
+    needed += [(attention, "output"), (layer, "intermediate"), (layer, "output")]
+    return all(getattr(owner, name, None) is not None for owner, name in needed)
 
 
 def packed_block(layer: nn.Module, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
