@@ -20,6 +20,7 @@ from mlilt.towers.packed import Packing, why_not_packable
 from mlilt import encode
 from mlilt.train import Split, TextSource, train
 from mlilt.train_config import TrainConfig
+from test_training_speed_paths import _saved_bytes
 from tiny_towers import tiny_text_tower, tiny_xlmr_text_tower
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,8 +108,6 @@ def test_bf16_autocast_gives_the_models_own_features_and_finite_gradients():
 
 
 def test_gradient_checkpointing_still_applies_to_packed_blocks():
-    from test_grad_checkpoint import _saved_bytes
-
     results = {}
     for wrapped in (False, True):
         tower = build_sides({"text": tiny_text_tower()}, "ln+adapter", 8, seed=0)[0]["text"].tower
@@ -211,20 +210,10 @@ def test_training_padding_free_writes_the_same_pack(tiny_vit_towers, tmp_path):
 def test_packed_forward_keeps_less_for_the_backward_pass_than_the_padded_one():
     tower = _trained_copy(tiny_text_tower(), "ln+adapter")
     tokens = tower.tokenize(CAPTIONS)
-    frozen = {param.data_ptr() for param in tower.parameters()}
     kept = {}
     for padding_free in (True, False, True):  # the first packed call runs the self-check
         tower.padding_free = padding_free
-        saved = {}
-
-        def keep(tensor):
-            if tensor.data_ptr() not in frozen:
-                saved[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            tower(tokens["input_ids"], tokens["attention_mask"])
-        kept[padding_free] = sum(saved.values())
+        kept[padding_free], _ = _saved_bytes(lambda: tower(tokens["input_ids"], tokens["attention_mask"]))
     real = int(tokens["attention_mask"].sum()) / tokens["attention_mask"].numel()
     assert kept[True] < kept[False] * (real + 1) / 2, (kept, real)  # scattering rows keeps no copy of them
 

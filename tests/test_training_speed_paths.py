@@ -102,11 +102,12 @@ def test_a_training_batch_in_length_groups_gives_the_one_batch_embeddings_and_gr
 
 
 def _saved_bytes(run):
-    """Bytes of distinct tensors autograd keeps for the backward pass (parameters excluded)."""
+    """Bytes of distinct tensors autograd keeps for the backward pass (parameters and views of
+    them, such as a linear layer's transposed weight, excluded)."""
     seen = {}
 
     def pack(tensor):
-        if not isinstance(tensor, nn.Parameter) and tensor.numel():
+        if not isinstance(tensor, nn.Parameter) and not isinstance(tensor._base, nn.Parameter) and tensor.numel():
             seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
         return tensor
 
