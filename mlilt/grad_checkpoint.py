@@ -19,6 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from mlilt.towers.layout import find_layout
 
 
+CHECKPOINTED = "mlilt_checkpointed"  # set on every block checkpoint_blocks wrapped
+
+
 def checkpoint_blocks(tower: nn.Module) -> int:
     """Checkpoint every block of ``tower``; returns how many were wrapped (0: no block layout).
 
@@ -30,9 +33,6 @@ def checkpoint_blocks(tower: nn.Module) -> int:
         block.forward = checkpointed(block.forward)
         setattr(block, CHECKPOINTED, True)  # for code that runs the block's parts itself (towers/packed.py)
     return len(blocks)
-
-
-CHECKPOINTED = "mlilt_checkpointed"
 
 
 def is_checkpointed(block: nn.Module) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 
 from mlilt.encode import TokenizedTexts, run_in_length_groups
 from mlilt.towers.layout import find_layout
-from mlilt.towers.packed import Packing, run_packed_blocks, same_features
+from mlilt.towers.packed import Packing, disagreement, run_packed_blocks
 from mlilt.towers.text import HFTextTower, pool
 
 
@@ -105,12 +105,15 @@ class PrefixCache:
     def _top(self, states: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """Pooled features from cached states: blocks ``cut``.. only."""
         packing = Packing.of_lengths([len(state) for state in states], device)
-        packed = torch.cat(states).to(device)
+        hidden = self._blocks(self.layers[self.cut:], torch.cat(states).to(device), packing)
+        return pool(packing.unpack(hidden), packing.attention_mask, self.tower.pooling)
+
+    def _blocks(self, layers, packed: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """``layers`` over packed hidden states: padding-free when the tower runs so, else
+        through the layers' own padded forward."""
         if self.tower.runs_padding_free:
-            hidden = packing.unpack(run_packed_blocks(self.layers[self.cut:], packed, packing))
-        else:
-            hidden = _run_layers(self.layers[self.cut:], packing.unpack(packed), packing)
-        return pool(hidden, packing.attention_mask, self.tower.pooling)
+            return run_packed_blocks(layers, packed, packing)
+        return packing.pack(_run_layers(layers, packing.unpack(packed), packing))
 
     def _whole_tower(self, tokens: TokenizedTexts, indices: list[int], device: torch.device) -> torch.Tensor:
         input_ids, attention_mask = tokens.batch(indices)
@@ -121,11 +124,7 @@ class PrefixCache:
         input_ids, attention_mask = tokens.batch(indices)
         ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         packing = Packing(attention_mask)
-        hidden = self.tower.model.embeddings(input_ids=ids)
-        if self.tower.runs_padding_free:
-            packed = run_packed_blocks(self.layers[:self.cut], packing.pack(hidden), packing)
-        else:
-            packed = packing.pack(_run_layers(self.layers[:self.cut], hidden, packing))
+        packed = self._blocks(self.layers[:self.cut], packing.pack(self.tower.model.embeddings(input_ids=ids)), packing)
         for i, state in zip(indices, packed.split(attention_mask.sum(1).tolist())):
             state = state.clone()  # unpadded: memory follows the real caption lengths
             size = state.numel() * state.element_size()
@@ -143,11 +142,12 @@ class PrefixCache:
             return
         split = self._top([self.states[(key, i)] for i in indices], device)
         whole = self._whole_tower(tokens, indices, device)
-        if not same_features(split, whole):
+        difference = disagreement(split, whole)
+        if difference is not None:
             self.states.clear()
             self.bytes, self.full = 0, True
-            self.problem = (f"off: the split forward differs from the whole tower by "
-                            f"{float((split - whole).abs().max()):.2g}; every step runs the whole tower")
+            self.problem = (f"off: the split forward differs from the whole tower by {difference:.2g}; "
+                            f"every step runs the whole tower")
 
     def describe(self) -> str:
         if self.problem:

@@ -52,9 +52,10 @@ def _features_and_grads(tower, tokens, padding_free: bool):
 
 
 def _rows_into_the_query_layer(tower, run) -> list[int]:
+    """Token rows the first layer's query projection saw, per call, while ``run`` executes."""
     rows = []
     query = tower.model.encoder.layer[0].attention.self.query
-    handle = query.register_forward_hook(lambda module, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    handle = query.register_forward_hook(lambda module, args, out: rows.append(args[0].numel() // args[0].shape[-1]))
     try:
         run()
     finally:

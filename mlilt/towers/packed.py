@@ -136,8 +136,13 @@ def packed_last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask
     return packing.unpack(run_packed_blocks(model.encoder.layer, hidden, packing))
 
 
-def same_features(candidate: torch.Tensor, reference: torch.Tensor) -> bool:
-    """Whether two ways of computing the same features agree to float noise."""
-    scale = float(reference.abs().max().clamp_min(1.0)) if reference.numel() else 1.0
-    return candidate.shape == reference.shape and torch.allclose(
-        candidate.float(), reference.float(), atol=SELF_CHECK_TOLERANCE * scale, rtol=0)
+def disagreement(candidate: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """None where two ways of computing the same features agree to float noise, else their
+    largest difference (inf for another shape)."""
+    if candidate.shape != reference.shape:
+        return float("inf")
+    if not reference.numel():
+        return None
+    difference = float((candidate.float() - reference.float()).abs().max())
+    scale = float(reference.abs().max().clamp_min(1.0))
+    return None if difference <= SELF_CHECK_TOLERANCE * scale else difference

@@ -13,7 +13,7 @@ import torch
 
 from mlilt.errors import TowerLoadError
 from mlilt.towers.base import Tower
-from mlilt.towers.packed import packed_last_hidden, same_features, why_not_packable
+from mlilt.towers.packed import disagreement, packed_last_hidden, why_not_packable
 
 # Config keys that name where or by which library version a model was saved: they do not
 # change what it computes, so they stay out of the fingerprint.
@@ -118,9 +118,9 @@ class HFTextTower(Tower):
         self._packing_checked = True
         with torch.no_grad():
             reference = pool(self._padded_last_hidden(input_ids, attention_mask), attention_mask, self.pooling)
-        if same_features(features.detach(), reference):
+        difference = disagreement(features.detach(), reference)
+        if difference is None:
             return True
-        difference = float((features.detach().float() - reference.float()).abs().max())
         self.packing_problem = f"its packed forward differs from the model's own by {difference:.2g}"
         warnings.warn(f"text tower {self.spec}: padding-free forward turned off: {self.packing_problem}",
                       stacklevel=3)
