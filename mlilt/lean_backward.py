@@ -10,22 +10,24 @@ a third of everything kept. Changes made on a training copy only:
 - ``lean_norm_clamps`` (always, in a tower that trains): a fused BatchNorm + ReLU/ReLU6
   module (timm's ``BatchNormAct2d``, frozen statistics, trained scale and shift) keeps only
   the norm's input, not also the activation's output. The backward pass recomputes the
-  norm's output from it (the same kernel, so the same bits) for the clamp's mask: one
-  elementwise pass. That halves what is left after lean convolutions on effnet-lite0.
-  Where that input is a frozen convolution's output over an input at most half its size (a
-  1x1 expansion in an inverted residual), the module keeps that smaller input and a bit per
-  element for the clamp instead (``_ConvFedNormClamp``): 42% less again on effnet-lite0
-  (``benchmarks/perf/levers.py``);
+  norm's output from it for the clamp's mask. Where that input is a frozen convolution's
+  output over an input at most half its size (a 1x1 expansion in an inverted residual), the
+  module keeps that smaller input instead and the backward pass redoes the convolution too
+  (``_ConvFedNormClamp``): 42% less kept again on effnet-lite0
+  (``benchmarks/perf/levers.py``). Both backward passes run a few images at a time
+  (``_norm_clamp_backward``), so what they recompute stays in the CPU's cache and the heap:
+  over whole tensors each recomputed activation took a fresh mapping whose pages the kernel
+  zeroes, which cost more than the recomputation (benchmarks/perf/README.md, session 6);
 - ``recompute_norm_activations`` (``--recompute-norms``): the other fused norm + activation
   modules (SiLU, GELU, ...) keep only their input and recompute their forward in the
   backward pass through autograd (more passes than the clamp's shortcut).
 
 Lean convolutions and recomputed norms give bit for bit the same gradients
 (``tests/test_training_speed_paths.py``). The norm-clamp paths give the same to float
-rounding: the first is bit for bit where the incoming gradient has the norm's own layout (on
-effnet-lite0 the head's, from global pooling, has not: 3.3e-6 relative), and behind a frozen
-expansion the scale's gradient is summed in another order (``tests/test_conv_fed_norms.py``;
-``benchmarks/perf/levers.py`` prints each lever's difference). Like the gradient
+rounding: the scale's and shift's gradients are summed a few images at a time, and a
+recomputed expansion may round differently from the forward's, which moves the clamp's mask
+only for values on its bounds (``tests/test_conv_fed_norms.py``; ``benchmarks/perf/levers.py``
+prints each lever's difference). Like the gradient
 checkpointing wrapper, each is set on a module's ``forward`` attribute: names and packs are
 unchanged, and evaluation (no gradient) runs the plain forward.
 """
@@ -40,7 +42,6 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-from mlilt.bit_mask import InsideMask, memory_format
 from mlilt.grad_checkpoint import checkpointed
 
 
@@ -119,53 +120,72 @@ class _FrozenStatsNormClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, mean, var = ctx.saved_tensors
-        eps, low, high = ctx.settings
-        pre = _norm(x, weight, bias, mean, var, eps)  # bit for bit the forward's
-        # The clamp's gradient, written over ``pre`` (no second buffer).
-        torch.ops.aten.hardtanh_backward.grad_input(grad, pre, low, high, grad_input=pre)
-        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            pre, x, weight, mean, var, None, None, False, eps, wanted)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        grad = grad.contiguous(memory_format=memory_format(x))
+        grads = _norm_clamp_backward(grad, lambda images: x[images], (weight, bias, mean, var, *ctx.settings),
+                                     ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
 
 
 class _ConvFedNormClamp(torch.autograd.Function):
     """clamp(batch_norm(x), low, high) with running statistics, where ``x`` = conv(z, W) + b
-    came from a frozen convolution over a smaller input ``z`` (a 1x1 expansion): keeps ``z``
-    and a bit per element for the clamp, instead of ``x``.
-
-    The scale's gradient is sum(g * (x - mean)) / std per channel, g being the gradient inside
-    the clamp, and sum(g * x) = sum(W * dW) + b * sum(g), where dW is the convolution's weight
-    gradient for (z, g): one weight-gradient convolution stands in for ``x``. The gradients
-    are the same up to float rounding (the sums run in another order)."""
+    came from a frozen convolution over a smaller input ``z`` (a 1x1 expansion): keeps ``z``,
+    and the backward pass redoes the convolution a few images at a time."""
 
     @staticmethod
     def forward(ctx, x, conv_input, conv, weight, bias, mean, var, eps, low, high):
-        pre = _norm(x, weight, bias, mean, var, eps)
-        ctx.inside = InsideMask.of(pre, low, high)
-        ctx.save_for_backward(conv_input, weight, mean, var)  # conv_input: checked for in-place changes
-        ctx.conv, ctx.eps = conv, eps
-        return pre.clamp_(low, high)
+        ctx.save_for_backward(conv_input, weight, bias, mean, var)  # conv_input: checked for in-place changes
+        ctx.conv, ctx.settings, ctx.layout = conv, (eps, low, high), memory_format(x)
+        return _norm(x, weight, bias, mean, var, eps).clamp_(low, high)
 
     @staticmethod
     def backward(ctx, grad):
-        conv_input, weight, mean, var = ctx.saved_tensors
+        conv_input, weight, bias, mean, var = ctx.saved_tensors
         conv: _FrozenConv = ctx.conv
-        inside = ctx.inside.apply(grad)
-        shift_grad = inside.sum((0, 2, 3))
-        inverse_std = torch.rsqrt(var + ctx.eps)
-        scale_grad = None
-        if ctx.needs_input_grad[3]:
-            conv_weight_grad = torch.ops.aten.convolution_backward(
-                inside, conv_input, conv.weight, None, conv.stride, conv.padding, conv.dilation,
-                False, [0, 0], conv.groups, (False, True, False))[1]
-            times_x = (conv_weight_grad * conv.weight).sum((1, 2, 3))  # sum(g * conv(z, W)) per channel
-            if conv.bias is not None:
-                times_x = times_x + conv.bias * shift_grad
-            scale_grad = (times_x - mean * shift_grad) * inverse_std
-        grad_x = inside.mul_((weight * inverse_std).view(1, -1, 1, 1)) if ctx.needs_input_grad[0] else None
-        return (grad_x, None, None, scale_grad, shift_grad if ctx.needs_input_grad[4] else None,
-                None, None, None, None, None)
+
+        def expanded(images: slice) -> torch.Tensor:
+            return torch.conv2d(conv_input[images], conv.weight, conv.bias, conv.stride, conv.padding,
+                                conv.dilation, conv.groups)
+
+        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        grad_x, scale_grad, shift_grad = _norm_clamp_backward(
+            grad.contiguous(memory_format=ctx.layout), expanded, (weight, bias, mean, var, *ctx.settings), wanted)
+        return grad_x, None, None, scale_grad, shift_grad, None, None, None, None, None
+
+
+CHUNK = 1 << 20  # elements per backward pass on a CPU (4 MB in float32); a GPU takes the batch at once
+
+
+def _norm_clamp_backward(grad, norm_input: Callable[[slice], torch.Tensor], norm: tuple, wanted) -> tuple:
+    """Gradients of clamp(batch_norm(x), low, high) with running statistics for x, the scale
+    and the shift (None where not ``wanted``), a few images at a time; ``norm_input(images)``
+    gives those images' x, kept or recomputed, ``norm`` is (weight, bias, mean, var, eps, low,
+    high)."""
+    weight, bias, mean, var, eps, low, high = norm
+    grad_x = torch.empty_like(grad) if wanted[0] else None
+    x_scale = (weight * torch.rsqrt(var + eps)).view(1, -1, 1, 1)  # d norm(x) / dx per channel
+    sums = [torch.zeros_like(weight), torch.zeros_like(weight)]  # the scale's and the shift's gradients
+    with torch.no_grad():
+        for images in _image_chunks(grad):
+            x = norm_input(images)
+            inside = _norm(x, weight, bias, mean, var, eps)
+            # The gradient inside the clamp, written over the recomputed norm's output.
+            torch.ops.aten.hardtanh_backward.grad_input(grad[images], inside, low, high, grad_input=inside)
+            if wanted[1] or wanted[2]:
+                parts = torch.ops.aten.native_batch_norm_backward(
+                    inside, x, weight, mean, var, None, None, False, eps, [False, wanted[1], wanted[2]])[1:]
+                for total, part in zip(sums, parts):
+                    if part is not None:
+                        total += part
+            if grad_x is not None:
+                torch.mul(inside, x_scale, out=grad_x[images])
+    return grad_x, sums[0] if wanted[1] else None, sums[1] if wanted[2] else None
+
+
+def _image_chunks(grad: torch.Tensor) -> list[slice]:
+    """Slices of the batch of about ``CHUNK`` elements each, at least one image."""
+    images = grad.shape[0]
+    per_chunk = images if grad.device.type != "cpu" else max(1, CHUNK // max(1, grad[0].numel()))
+    return [slice(start, start + per_chunk) for start in range(0, images, max(1, per_chunk))]
 
 
 class _FrozenConv(NamedTuple):
@@ -192,6 +212,14 @@ def _smaller_conv_input(x: torch.Tensor) -> tuple[torch.Tensor, _FrozenConv] | N
     if conv_input is None or not (x.dtype == conv_input.dtype == conv.weight.dtype):
         return None
     return (conv_input, conv) if conv_input.numel() * 2 <= x.numel() else None
+
+
+def memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out so (and not also contiguous), else contiguous."""
+    if (tensor.dim() == 4 and not tensor.is_contiguous()
+            and tensor.is_contiguous(memory_format=torch.channels_last)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _norm(x, weight, bias, mean, var, eps):

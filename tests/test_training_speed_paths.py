@@ -157,21 +157,23 @@ def _relu_cnn() -> nn.Module:
     return model
 
 
-# (what each lever should take in the model, the share of kept bytes left at most)
-LEVERS = {"convolutions": ({lean_convolutions: 2}, 0.8),
-          "norm clamps": ({lean_convolutions: 2, lean_norm_clamps: 2, recompute_norm_activations: 0}, 0.6),
-          "recomputed norms": ({lean_convolutions: 2, recompute_norm_activations: 2}, 0.6)}
+# (what each lever should take in the model, the share of kept bytes left at most, whether the
+# gradients are bit for bit autograd's: the norm clamps' backward computes the same formulas
+# in another order, so theirs agree to float rounding)
+LEVERS = {"convolutions": ({lean_convolutions: 2}, 0.8, True),
+          "norm clamps": ({lean_convolutions: 2, lean_norm_clamps: 2, recompute_norm_activations: 0}, 0.6, False),
+          "recomputed norms": ({lean_convolutions: 2, recompute_norm_activations: 2}, 0.6, True)}
 
 
 @pytest.mark.parametrize("build, levers", [(_same_pad_cnn, "convolutions"), (_same_pad_cnn, "norm clamps"),
                                            (_same_pad_cnn, "recomputed norms"), (_relu_cnn, "norm clamps"),
                                            (_tiny_cnn_ln, "convolutions"), (_tiny_cnn_ln, "recomputed norms")])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_lean_backward_keeps_less_and_gives_bit_identical_gradients(build, levers, bf16):
+def test_lean_backward_keeps_less_and_gives_the_same_gradients(build, levers, bf16):
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     plain = build()
     lean = copy.deepcopy(plain)
-    takes, kept = LEVERS[levers]
+    takes, kept, exact = LEVERS[levers]
     for lever, count in takes.items():
         assert lever(lean) >= count if count else lever(lean) == 0, lever.__name__
     assert [n for n, _ in lean.named_parameters()] == [n for n, _ in plain.named_parameters()]
@@ -186,7 +188,10 @@ def test_lean_backward_keeps_less_and_gives_bit_identical_gradients(build, lever
     assert torch.equal(lean_out, plain_out)
     assert lean_grads.keys() == plain_grads.keys() and lean_grads
     for name, grad in plain_grads.items():
-        assert torch.equal(lean_grads[name], grad), name
+        if exact:
+            assert torch.equal(lean_grads[name], grad), name
+        else:
+            assert ((lean_grads[name] - grad).norm() / grad.norm()).item() < (1e-2 if bf16 else 1e-5), name
     with torch.no_grad():  # evaluation takes the plain forward
         assert torch.equal(lean(pixels), plain(pixels))
 

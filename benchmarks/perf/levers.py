@@ -103,7 +103,7 @@ def kept_rows(args) -> list[list[str]]:
                          ("+ --recompute-norms", (lean_convolutions, recompute_norm_activations)),
                          ("+ BatchNorm-ReLU6 keeps its input only",
                           (lean_convolutions, functools.partial(lean_norm_clamps, conv_inputs=False))),
-                         ("+ after a frozen expansion, its smaller input and a bit mask (mlilt's default)",
+                         ("+ after a frozen expansion, its smaller input, redone in the backward pass (mlilt's default)",
                           (lean_convolutions, lean_norm_clamps))):
         side = copy.deepcopy(base)
         for lever in levers:
