@@ -6,7 +6,10 @@ PyTorch keeps the input all the same. In a CNN whose BatchNorm scales train (``l
 a third of everything kept. Changes made on a training copy only:
 
 - ``lean_convolutions`` (always, in a tower that trains): convolutions with frozen weights
-  keep nothing but the weight; it costs no time;
+  keep nothing but the weight; it costs no time. Those that pad as TensorFlow does (timm's
+  ``Conv2dSame``, one more zero after than before) no longer copy their input into a padded
+  tensor and their input's gradient out of one: the convolution pads by itself and its
+  kernel gets a leading row or column of zeros (``_padding_in_the_kernel``);
 - ``lean_norm_clamps`` (always, in a tower that trains): a fused BatchNorm + ReLU/ReLU6
   module (timm's ``BatchNormAct2d``, frozen statistics, trained scale and shift) keeps only
   the norm's input, not also the activation's output. The backward pass recomputes the
@@ -47,10 +50,40 @@ from mlilt.grad_checkpoint import checkpointed
 
 def lean_convolutions(tower: nn.Module) -> int:
     """Frozen 2-D convolutions of ``tower`` stop keeping their inputs; returns how many."""
+    from timm.layers import Conv2dSame  # here: a tower without timm need not import it
+
     convs = [m for m in tower.modules() if isinstance(m, nn.Conv2d) and not _trains(m)]
     for conv in convs:
         conv.forward = _with_lean_conv2d(conv.forward)
+        if isinstance(conv, Conv2dSame) and conv.padding_mode == "zeros" and conv.groups == conv.in_channels:
+            conv.forward = _padding_in_the_kernel(conv, conv.forward)
     return len(convs)
+
+
+def _padding_in_the_kernel(conv: nn.Conv2d, forward: Callable) -> Callable:
+    """timm's ``Conv2dSame`` pads its input as TensorFlow does, ``total // 2`` zeros before and
+    the rest after, with a copy: on effnet-lite0 a strided depthwise convolution copies its
+    154 MB input into a padded tensor, and the backward pass copies the gradient out of one.
+    Where one more zero goes after than before, padding ``after`` on both sides with a
+    leading zero row (column) in the kernel puts every window on the same inputs with the
+    same weights. Taken for depthwise convolutions only: their output and input gradient
+    came out bit for bit the module's own (``tests/test_same_padding.py``), while a full
+    convolution's input gradient, summed over channels and taps, rounded differently. Runs
+    where the input needs a gradient (deep in the tower); elsewhere, and with dilation, the
+    module's own forward runs."""
+    from timm.layers import get_same_padding
+
+    def run(x):
+        if not (torch.is_grad_enabled() and x.requires_grad) or conv.dilation != (1, 1):
+            return forward(x)
+        weight, padding = conv.weight, []
+        for dim, (size, kernel, stride) in enumerate(zip(x.shape[-2:], conv.kernel_size, conv.stride)):
+            total = get_same_padding(size, kernel, stride, 1)
+            padding.append(total - total // 2)
+            if total % 2:  # a zero column (dim 1) or row (dim 0) before the kernel's first
+                weight = nn.functional.pad(weight, (1, 0) if dim == 1 else (0, 0, 1, 0))
+        return conv2d_keeping_weight_only(x, weight, conv.bias, conv.stride, padding, 1, conv.groups)
+    return run
 
 
 def lean_norm_clamps(tower: nn.Module, conv_inputs: bool = True) -> int:
@@ -120,9 +153,8 @@ class _FrozenStatsNormClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, mean, var = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=memory_format(x))
         grads = _norm_clamp_backward(grad, lambda images: x[images], (weight, bias, mean, var, *ctx.settings),
-                                     ctx.needs_input_grad[:3])
+                                     ctx.needs_input_grad[:3], memory_format(x))
         return (*grads, None, None, None, None, None)
 
 
@@ -148,20 +180,23 @@ class _ConvFedNormClamp(torch.autograd.Function):
 
         wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         grad_x, scale_grad, shift_grad = _norm_clamp_backward(
-            grad.contiguous(memory_format=ctx.layout), expanded, (weight, bias, mean, var, *ctx.settings), wanted)
+            grad, expanded, (weight, bias, mean, var, *ctx.settings), wanted, ctx.layout)
         return grad_x, None, None, scale_grad, shift_grad, None, None, None, None, None
 
 
 CHUNK = 1 << 20  # elements per backward pass on a CPU (4 MB in float32); a GPU takes the batch at once
 
 
-def _norm_clamp_backward(grad, norm_input: Callable[[slice], torch.Tensor], norm: tuple, wanted) -> tuple:
-    """Gradients of clamp(batch_norm(x), low, high) with running statistics for x, the scale
-    and the shift (None where not ``wanted``), a few images at a time; ``norm_input(images)``
-    gives those images' x, kept or recomputed, ``norm`` is (weight, bias, mean, var, eps, low,
-    high)."""
+def _norm_clamp_backward(grad, norm_input: Callable[[slice], torch.Tensor], norm: tuple, wanted,
+                         layout: torch.memory_format) -> tuple:
+    """Gradients of clamp(batch_norm(x), low, high) with running statistics for x (in
+    ``layout``), the scale and the shift (None where not ``wanted``), a few images at a time;
+    ``norm_input(images)`` gives those images' x, kept or recomputed, ``norm`` is (weight,
+    bias, mean, var, eps, low, high). ``grad`` is read as it comes: behind a padded
+    convolution it is a view into the padded gradient, and a contiguous copy of all of it
+    would cost a fresh mapping as large as x."""
     weight, bias, mean, var, eps, low, high = norm
-    grad_x = torch.empty_like(grad) if wanted[0] else None
+    grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=layout) if wanted[0] else None
     x_scale = (weight * torch.rsqrt(var + eps)).view(1, -1, 1, 1)  # d norm(x) / dx per channel
     sums = [torch.zeros_like(weight), torch.zeros_like(weight)]  # the scale's and the shift's gradients
     with torch.no_grad():

@@ -13,7 +13,7 @@ import weakref
 
 import pytest
 import torch
-from timm.layers import BatchNormAct2d
+from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
 from mlilt import lean_backward
@@ -24,9 +24,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BATCH, SIZE, WIDE = 4, 16, 24
 
 
-def _expansion_block(bias: bool, act: type[nn.Module]) -> nn.Module:
+def _expansion_block(bias: bool, act: type[nn.Module], same_pad: bool = False) -> nn.Module:
     """An inverted residual as in EfficientNet: a stem, a 1x1 expansion 4 -> 24 into
-    BatchNorm + clamp, a strided depthwise convolution, a projection back."""
+    BatchNorm + clamp, a strided depthwise convolution, a projection back. With ``same_pad``
+    the depthwise convolution pads as TensorFlow does (timm's ``Conv2dSame``, 0 before and 1
+    after): the gradient reaching the norm is then a view into the padded one."""
     torch.manual_seed(7)
 
     class Block(nn.Module):
@@ -36,7 +38,8 @@ def _expansion_block(bias: bool, act: type[nn.Module]) -> nn.Module:
             self.bn0 = BatchNormAct2d(4, act_layer=act)
             self.expand = nn.Conv2d(4, WIDE, 1, bias=bias)
             self.bn1 = BatchNormAct2d(WIDE, act_layer=act)
-            self.dw = nn.Conv2d(WIDE, WIDE, 3, stride=2, padding=1, groups=WIDE, bias=False)
+            self.dw = (Conv2dSame(WIDE, WIDE, 3, stride=2, groups=WIDE, bias=False) if same_pad
+                       else nn.Conv2d(WIDE, WIDE, 3, stride=2, padding=1, groups=WIDE, bias=False))
             self.bn2 = BatchNormAct2d(WIDE, act_layer=act)
             self.project = nn.Conv2d(WIDE, 4, 1, bias=False)
             self.bn3 = BatchNormAct2d(4, apply_act=False)
@@ -90,11 +93,12 @@ ONE_PASS, IMAGE_AT_A_TIME = 1 << 30, 100
 
 
 @pytest.mark.parametrize("chunk", [ONE_PASS, IMAGE_AT_A_TIME], ids=["one-pass", "image-at-a-time"])
-@pytest.mark.parametrize("act", [nn.ReLU6, nn.ReLU])
-@pytest.mark.parametrize("bias", [False, True])
-def test_expansion_keeps_its_smaller_input_and_gives_the_same_gradients(bias, act, chunk, monkeypatch):
+@pytest.mark.parametrize("act, bias, same_pad", [(nn.ReLU6, False, False), (nn.ReLU6, True, False),
+                                                 (nn.ReLU, False, False), (nn.ReLU, True, False),
+                                                 (nn.ReLU6, True, True)])
+def test_expansion_keeps_its_smaller_input_and_gives_the_same_gradients(bias, act, same_pad, chunk, monkeypatch):
     monkeypatch.setattr(lean_backward, "CHUNK", chunk)
-    plain = _expansion_block(bias, act)
+    plain = _expansion_block(bias, act, same_pad)
     lean = copy.deepcopy(plain)
     lean_convolutions(lean)
     assert lean_norm_clamps(lean) == 3
@@ -155,9 +159,10 @@ def test_a_lean_convolution_does_not_keep_its_input_alive():
 
 
 @pytest.mark.parametrize("chunk", [ONE_PASS, IMAGE_AT_A_TIME], ids=["one-pass", "image-at-a-time"])
-def test_without_conv_inputs_the_norm_keeps_its_own_input(chunk, monkeypatch):
+@pytest.mark.parametrize("same_pad", [False, True])
+def test_without_conv_inputs_the_norm_keeps_its_own_input(chunk, same_pad, monkeypatch):
     monkeypatch.setattr(lean_backward, "CHUNK", chunk)
-    plain = _expansion_block(True, nn.ReLU6)
+    plain = _expansion_block(True, nn.ReLU6, same_pad)
     lean = copy.deepcopy(plain)
     lean_convolutions(lean)
     lean_norm_clamps(lean, conv_inputs=False)
