@@ -192,14 +192,13 @@ def _norm_clamp_backward(grad, norm_input: Callable[[slice], torch.Tensor], norm
     """Gradients of clamp(batch_norm(x), low, high) with running statistics for x (in
     ``layout``), the scale and the shift (None where not ``wanted``), a few images at a time;
     ``norm_input(images)`` gives those images' x, kept or recomputed, ``norm`` is (weight,
-    bias, mean, var, eps, low, high). ``grad`` is read as it comes: behind a padded
-    convolution it is a view into the padded gradient, and a contiguous copy of all of it
-    would cost a fresh mapping as large as x."""
+    bias, mean, var, eps, low, high). ``grad`` is read in whatever layout it comes: a
+    contiguous copy of all of it would cost a fresh mapping as large as x."""
     weight, bias, mean, var, eps, low, high = norm
     grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=layout) if wanted[0] else None
-    x_scale = (weight * torch.rsqrt(var + eps)).view(1, -1, 1, 1)  # d norm(x) / dx per channel
     sums = [torch.zeros_like(weight), torch.zeros_like(weight)]  # the scale's and the shift's gradients
     with torch.no_grad():
+        x_scale = (weight * torch.rsqrt(var + eps)).view(1, -1, 1, 1)  # d norm(x) / dx per channel
         for images in _image_chunks(grad):
             x = norm_input(images)
             inside = _norm(x, weight, bias, mean, var, eps)
