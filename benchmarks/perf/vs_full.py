@@ -1,7 +1,7 @@
 """Step time and peak memory of parameter-efficient methods vs full fine-tuning.
 
     python benchmarks/perf/vs_full.py [--methods ln,ln+adapter,lora] [--anchored-methods ln,ln+adapter,lora]
-                                      [--pairs 500] [--warmup 2]
+                                      [--pairs 500] [--warmup 2] [--repeat 1]
 
 A method may carry training options after a slash: ``ln/ckpt`` (``--grad-checkpointing``),
 ``ln/norms`` (``--recompute-norms``), ``ln+adapter/bf16`` (``--bf16``), ``ln/ckpt/bf16``, and
@@ -17,7 +17,9 @@ whenever the image tower trains, else their tower features come from the cache) 
 with ``--anchor``, anchored on a pack (``--method M --anchor PACK``: image side frozen).
 
 Time: wall and CPU seconds of each step (on a shared machine CPU time is the one to compare;
-the target column uses it). Memory: the process's resident set once both towers are loaded is the baseline; the peak
+the target column uses it). With ``--repeat N`` every method runs N times, in alternating order,
+and each figure is the median over the N runs; each method's CPU ratio to the ``full`` run of
+the same repeat is printed too. Memory: the process's resident set once both towers are loaded is the baseline; the peak
 (Linux VmHWM, reset at that point) is taken over building the method, the one-off feature
 pass and the steps. "extra" is the peak minus the baseline: what training adds.
 """
@@ -115,23 +117,45 @@ def token_positions(lengths: list[int]) -> tuple[int, int, int]:
 
 
 def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
+    """Each method once per ``--repeat``, the order reversed every other time so that a slow
+    minute does not fall on one method only; per method the medians over the repeats."""
     plan = [("full", "")] + [(m, "") for m in args.methods.split(",") if m]
     if args.anchor:
         plan += [(m, args.anchor) for m in args.anchored_methods.split(",") if m]
-    results = []
-    for method, anchor in plan:
-        child = ["--child", "--work", str(work), "--pairs-file", str(pairs_file), "--method", method,
-                 "--batch-size", str(args.batch_size), "--anchor", anchor]
-        env = {"MLILT_CACHE": str(work / "mlilt_cache"), "OMP_NUM_THREADS": str(args.threads)}
-        result = run_child(script, child, env=env)
-        result["steady_step_s"] = median(steady(result["step_s"], args.warmup))
-        result["steady_cpu_s"] = median(steady(result["cpu_s"], args.warmup))
-        result["extra_mb"] = result["peak_mb"] - result["baseline_mb"]
-        results.append(result)
-        print(f"{method}{' (anchored)' if anchor else ''}: median {result['steady_step_s']:.3f} s/step "
-              f"({result['steady_cpu_s']:.3f} s CPU), "
-              f"peak {result['peak_mb']:.0f} MB (+{result['extra_mb']:.0f} MB over the towers)", flush=True)
+    runs: dict[tuple, list[dict]] = {cell: [] for cell in plan}
+    for repeat in range(args.repeat):
+        for method, anchor in (plan if repeat % 2 == 0 else plan[::-1]):
+            runs[(method, anchor)].append(run_once(script, work, pairs_file, method, anchor, args))
+    results = [combined(runs[cell]) for cell in plan]
+    if args.repeat > 1:
+        full_cpu = [r["steady_cpu_s"] for r in runs[plan[0]]]
+        for (method, anchor), cell_runs in list(runs.items())[1:]:
+            ratios = ", ".join(f"{r['steady_cpu_s'] / f:.2f}×" for r, f in zip(cell_runs, full_cpu))
+            print(f"{method}{' (anchored)' if anchor else ''}: CPU vs full, repeat by repeat: {ratios}")
     return results
+
+
+def run_once(script: str, work: Path, pairs_file: Path, method: str, anchor: str, args) -> dict:
+    child = ["--child", "--work", str(work), "--pairs-file", str(pairs_file), "--method", method,
+             "--batch-size", str(args.batch_size), "--anchor", anchor]
+    env = {"MLILT_CACHE": str(work / "mlilt_cache"), "OMP_NUM_THREADS": str(args.threads)}
+    result = run_child(script, child, env=env)
+    result["steady_step_s"] = median(steady(result["step_s"], args.warmup))
+    result["steady_cpu_s"] = median(steady(result["cpu_s"], args.warmup))
+    result["extra_mb"] = result["peak_mb"] - result["baseline_mb"]
+    print(f"{method}{' (anchored)' if anchor else ''}: median {result['steady_step_s']:.3f} s/step "
+          f"({result['steady_cpu_s']:.3f} s CPU), "
+          f"peak {result['peak_mb']:.0f} MB (+{result['extra_mb']:.0f} MB over the towers)", flush=True)
+    return result
+
+
+def combined(cell_runs: list[dict]) -> dict:
+    """One method's repeats as one result: the median of each figure, every step's tokens."""
+    result = dict(cell_runs[0])
+    for key in ("steady_step_s", "steady_cpu_s", "peak_mb", "baseline_mb", "extra_mb"):
+        result[key] = median([r[key] for r in cell_runs])
+    result["tokens"] = [t for r in cell_runs for t in r["tokens"]]
+    return result
 
 
 def report(results: list[dict], args) -> str:
@@ -166,6 +190,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each method, in alternating order; the table shows their medians")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pairs-file", help=argparse.SUPPRESS)
