@@ -8,7 +8,8 @@ On the offline towers, one process, one torch thread, CPU seconds (median of ``-
   (forward with autograd, its backward, forward without autograd);
 * kept: what autograd keeps for that backward pass, by kind, plain / with frozen convolutions
   keeping no inputs / with ``--recompute-norms`` or lean BatchNorm-ReLU6 as well, what each
-  costs in time and how far its gradients are from the plain ones (relative difference);
+  costs in time (the variants timed in turn, round after round) and how far its gradients are
+  from the plain ones (relative difference);
 * text: the text tower with ``ln+adapter`` over random batches of demo captions (as training
   draws them), forward and backward, in fp32 and under bf16 autocast (math attention kernel, as
   ``--bf16`` trains): padded in length groups (the model's own forward) against padding-free
@@ -33,13 +34,21 @@ from _common import demo_data, machine, table  # noqa: E402
 
 def cpu_seconds(run, repeats: int) -> float:
     """Median CPU seconds of ``run()`` after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.process_time()
+    return cpu_seconds_in_turn([run], repeats)[0]
+
+
+def cpu_seconds_in_turn(runs: list, repeats: int) -> list[float]:
+    """Median CPU seconds of each of ``runs``, called in turn round after round after one
+    warm-up round, so that a slow minute or the heap's state falls on all of them alike."""
+    for run in runs:
         run()
-        times.append(time.process_time() - started)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, column in zip(runs, times):
+            started = time.process_time()
+            run()
+            column.append(time.process_time() - started)
+    return [statistics.median(column) for column in times]
 
 
 def image_side(layout):
@@ -98,7 +107,7 @@ def kept_rows(args) -> list[list[str]]:
 
     pixels = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     base = image_side("channels_last")
-    rows, reference = [], None
+    rows, reference, runs = [], None, []
     for name, levers in (("plain", ()), ("frozen convolutions keep no inputs", (lean_convolutions,)),
                          ("+ --recompute-norms", (lean_convolutions, recompute_norm_activations)),
                          ("+ BatchNorm-ReLU6 keeps its input only",
@@ -118,12 +127,14 @@ def kept_rows(args) -> list[list[str]]:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             side(pixels)
         by_kind = kept_by_kind(side, pixels) if not levers else {}
-        seconds = cpu_seconds(lambda: side(pixels).square().sum().backward(), args.repeats)
+        runs.append(functools.partial(lambda side: side(pixels).square().sum().backward(), side))
         grads = gradients(side, pixels)
         reference = reference or grads
         rows.append([name, f"{sum(hooked.values()):,.0f}"] +
-                    [f"{by_kind[kind]:,.0f}" if kind in by_kind else "" for kind in KINDS] + [f"{seconds:.2f}"] +
+                    [f"{by_kind[kind]:,.0f}" if kind in by_kind else "" for kind in KINDS] +
                     gradient_difference(grads, reference))
+    for row, seconds in zip(rows, cpu_seconds_in_turn(runs, args.repeats)):  # timed in turn: one after the other was noise
+        row.insert(len(row) - 2, f"{seconds:.2f}")
     return rows
 
 
