@@ -55,7 +55,8 @@ def lean_convolutions(tower: nn.Module) -> int:
     convs = [m for m in tower.modules() if isinstance(m, nn.Conv2d) and not _trains(m)]
     for conv in convs:
         conv.forward = _with_lean_conv2d(conv.forward)
-        if isinstance(conv, Conv2dSame) and conv.padding_mode == "zeros" and conv.groups == conv.in_channels:
+        if (isinstance(conv, Conv2dSame) and conv.padding_mode == "zeros" and conv.dilation == (1, 1)
+                and conv.groups == conv.in_channels):
             conv.forward = _padding_in_the_kernel(conv, conv.forward)
     return len(convs)
 
@@ -68,13 +69,13 @@ def _padding_in_the_kernel(conv: nn.Conv2d, forward: Callable) -> Callable:
     leading zero row (column) in the kernel puts every window on the same inputs with the
     same weights. Taken for depthwise convolutions only: their output and input gradient
     came out bit for bit the module's own (``tests/test_same_padding.py``), while a full
-    convolution's input gradient, summed over channels and taps, rounded differently. Runs
-    where the input needs a gradient (deep in the tower); elsewhere, and with dilation, the
-    module's own forward runs."""
+    convolution's input gradient, summed over channels and taps, rounded differently; with
+    dilation the zero tap would not fall one input before the first. Runs where the input
+    needs a gradient (deep in the tower); elsewhere the module's own forward runs."""
     from timm.layers import get_same_padding
 
     def run(x):
-        if not (torch.is_grad_enabled() and x.requires_grad) or conv.dilation != (1, 1):
+        if not (torch.is_grad_enabled() and x.requires_grad):
             return forward(x)
         weight, padding = conv.weight, []
         for dim, (size, kernel, stride) in enumerate(zip(x.shape[-2:], conv.kernel_size, conv.stride)):
@@ -218,8 +219,8 @@ def _norm_clamp_backward(grad, norm_input: Callable[[slice], torch.Tensor], norm
 def _image_chunks(grad: torch.Tensor) -> list[slice]:
     """Slices of the batch of about ``CHUNK`` elements each, at least one image."""
     images = grad.shape[0]
-    per_chunk = images if grad.device.type != "cpu" else max(1, CHUNK // max(1, grad[0].numel()))
-    return [slice(start, start + per_chunk) for start in range(0, images, max(1, per_chunk))]
+    per_chunk = max(1, images if grad.device.type != "cpu" else CHUNK // grad[0].numel())
+    return [slice(start, start + per_chunk) for start in range(0, images, per_chunk)]
 
 
 class _FrozenConv(NamedTuple):
