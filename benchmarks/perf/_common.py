@@ -55,6 +55,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def turn_order(cells: list, repeat: int) -> list:
+    """``cells`` in order on even repeats, reversed on odd ones: a slow patch of a shared
+    machine then falls on every cell alike, not on whichever runs first."""
+    return cells if repeat % 2 == 0 else cells[::-1]
+
+
 def steady(values: list[float], warmup: int) -> list[float]:
     """The values after the first ``warmup`` (allocator, caches and lazy init settle there)."""
     return values[warmup:] if len(values) > warmup else values[-1:]

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, demo_data, emit, machine, peak_rss_mb, run_child, table  # noqa: E402
+from _common import REPO, demo_data, emit, machine, peak_rss_mb, run_child, table, turn_order  # noqa: E402
 
 SMALL_PAGES = {"THP_MEM_ALLOC_ENABLE": "0"}
 HEAP_ONLY = {"MLILT_MALLOC": "default", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
@@ -95,7 +95,7 @@ def main() -> None:
     cells = [(tree, setting) for tree in args.trees.split(",") for setting in args.settings.split(",")]
     results: dict[tuple, list[dict]] = {cell: [] for cell in cells}
     for repeat in range(args.repeats):
-        for tree, setting in (cells if repeat % 2 == 0 else cells[::-1]):
+        for tree, setting in turn_order(cells, repeat):
             child = ["--child", "--setting", setting, "--tree", tree, "--pairs-file", str(pairs_file),
                      "--work", str(work), "--method", args.method, "--anchor", args.anchor]
             env = {"MLILT_CACHE": str(work / "mlilt_cache"), "OMP_NUM_THREADS": "1",

@@ -34,19 +34,21 @@ from _common import demo_data, machine, table  # noqa: E402
 
 def cpu_seconds(run, repeats: int) -> float:
     """Median CPU seconds of ``run()`` after one warm-up call."""
-    return cpu_seconds_in_turn([run], repeats)[0]
+    return cpu_seconds_in_turn([lambda _: run()], range(repeats))[0]
 
 
-def cpu_seconds_in_turn(runs: list, repeats: int) -> list[float]:
-    """Median CPU seconds of each of ``runs``, called in turn round after round after one
-    warm-up round, so that a slow minute or the heap's state falls on all of them alike."""
+def cpu_seconds_in_turn(runs: list, rounds) -> list[float]:
+    """Median CPU seconds of each of ``runs``, all called with each item of ``rounds`` in turn
+    (after one warm-up round with the first), so that a slow minute or the heap's state falls
+    on all of them alike."""
+    rounds = list(rounds)
     for run in runs:
-        run()
+        run(rounds[0])
     times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
+    for item in rounds:
         for run, column in zip(runs, times):
             started = time.process_time()
-            run()
+            run(item)
             column.append(time.process_time() - started)
     return [statistics.median(column) for column in times]
 
@@ -127,13 +129,13 @@ def kept_rows(args) -> list[list[str]]:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             side(pixels)
         by_kind = kept_by_kind(side, pixels) if not levers else {}
-        runs.append(functools.partial(lambda side: side(pixels).square().sum().backward(), side))
+        runs.append(functools.partial(lambda side, _: side(pixels).square().sum().backward(), side))
         grads = gradients(side, pixels)
         reference = reference or grads
         rows.append([name, f"{sum(hooked.values()):,.0f}"] +
                     [f"{by_kind[kind]:,.0f}" if kind in by_kind else "" for kind in KINDS] +
                     gradient_difference(grads, reference))
-    for row, seconds in zip(rows, cpu_seconds_in_turn(runs, args.repeats)):  # timed in turn: one after the other was noise
+    for row, seconds in zip(rows, cpu_seconds_in_turn(runs, range(args.repeats))):  # timed in turn: one after the other was noise
         row.insert(len(row) - 2, f"{seconds:.2f}")
     return rows
 
@@ -192,18 +194,11 @@ def text_rows(args) -> list[list[str]]:
                 step(batch, layout)
         layouts = {(False, True): "padded, length groups", (True, True): "padding-free, length groups",
                    (True, False): "padding-free, one call"}
-        seconds = {layout: [] for layout in layouts}
-        for layout in layouts:
-            run(layout)  # warm-up; the padding-free self-check runs on the first batch
-        for batch in batches:  # the layouts alternate, so that a noisy minute hits all of them
-            for layout in layouts:
-                started = time.process_time()
-                run(layout, batch)
-                seconds[layout].append(time.process_time() - started)
-        for layout, label in layouts.items():
+        # The layouts alternate batch by batch; the warm-up runs the padding-free self-check.
+        seconds = cpu_seconds_in_turn([functools.partial(run, layout) for layout in layouts], batches)
+        for (layout, label), median_s in zip(layouts.items(), seconds):
             share, rate = matrix_products(functools.partial(run, layout))
-            rows.append([f"{name}, {label}", f"{statistics.median(seconds[layout]):.3f}", f"{share:.0%}",
-                         f"{rate:.0f}"])
+            rows.append([f"{name}, {label}", f"{median_s:.3f}", f"{share:.0%}", f"{rate:.0f}"])
     print(f"text batches: {args.batch_size} captions, {real:.0f} real tokens on average", flush=True)
     return rows
 

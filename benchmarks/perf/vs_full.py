@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPO, demo_data, emit, machine, median, peak_rss_mb, reset_peak_rss,  # noqa: E402
-                     rss_mb, run_child, steady, table)
+                     rss_mb, run_child, steady, table, turn_order)
 
 DEFAULT_METHODS = "ln,ln+adapter,lora"
 FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing", "norms": "recompute_norms"}  # METHOD/FLAG: training options
@@ -124,7 +124,7 @@ def measure(script: str, work: Path, pairs_file: Path, args) -> list[dict]:
         plan += [(m, args.anchor) for m in args.anchored_methods.split(",") if m]
     runs: dict[tuple, list[dict]] = {cell: [] for cell in plan}
     for repeat in range(args.repeat):
-        for method, anchor in (plan if repeat % 2 == 0 else plan[::-1]):
+        for method, anchor in turn_order(plan, repeat):
             runs[(method, anchor)].append(run_once(script, work, pairs_file, method, anchor, args))
     results = [combined(runs[cell]) for cell in plan]
     if args.repeat > 1:

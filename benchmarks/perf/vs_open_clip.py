@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, demo_data, emit, machine, median, run_child, steady, table  # noqa: E402
+from _common import REPO, demo_data, emit, machine, median, run_child, steady, table, turn_order  # noqa: E402
 from mlilt.allocator import MMAP_THRESHOLD, TORCH_SETTING  # noqa: E402
 
 MODEL_NAME = "mlilt-offline-pair"
@@ -234,7 +234,7 @@ def measure(script: str, work: Path, pairs_file: Path, args) -> tuple[dict[str, 
     merged: dict[str, dict] = {}
     for repeat in range(args.repeat):
         for pair in pairs:
-            for label in (pair if repeat % 2 == 0 else pair[::-1]):
+            for label in turn_order(pair, repeat):
                 if len(merged.get(label, {}).get("runs", [])) > repeat:
                     continue  # shared with a comparison that already ran it this round
                 child = common + [a.format(anchor=args.anchor) for a in RUN_ARGS[label]]
