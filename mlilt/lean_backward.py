@@ -17,8 +17,11 @@ a third of everything kept. Changes made on a training copy only:
   output over an input at most half its size (a 1x1 expansion in an inverted residual), the
   module keeps that smaller input instead and the backward pass redoes the convolution too
   (``_ConvFedNormClamp``): 42% less kept again on effnet-lite0
-  (``benchmarks/perf/levers.py``). Both backward passes run a few images at a time
-  (``_norm_clamp_backward``), so what they recompute stays in the CPU's cache and the heap:
+  (``benchmarks/perf/levers.py``). It also takes the convolution's backward pass, so the
+  gradient goes straight to the smaller input and the expanded one is never made whole
+  (0.4 CPU s off an ``ln`` step, benchmarks/perf/README.md, session 10). Both backward
+  passes run a few images at a time (``_norm_clamp_backward``), so what they recompute
+  stays in the CPU's cache and the heap:
   over whole tensors each recomputed activation took a fresh mapping whose pages the kernel
   zeroes, which cost more than the recomputation (benchmarks/perf/README.md, session 6);
 - ``recompute_norm_activations`` (``--recompute-norms``): the other fused norm + activation
@@ -136,7 +139,9 @@ def _with_lean_norm_clamp(module: nn.Module, forward: Callable, conv_inputs: boo
         norm = (module.weight, module.bias, module.running_mean, module.running_var, module.eps, low, high)
         conv_fed = _smaller_conv_input(x) if conv_inputs else None
         if conv_fed is not None:
-            return _ConvFedNormClamp.apply(x, *conv_fed, *norm)
+            # Detached: the gradient goes to the convolution's input straight from this norm's
+            # backward pass, a few images at a time, so the expanded gradient never exists whole.
+            return _ConvFedNormClamp.apply(x.detach(), *conv_fed, *norm)
         return _FrozenStatsNormClamp.apply(x, *norm)
     run.lean_norm_clamp = True
     return run
@@ -154,20 +159,27 @@ class _FrozenStatsNormClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, mean, var = ctx.saved_tensors
+        grad_x = _empty_like_in(x, memory_format(x)) if ctx.needs_input_grad[0] else None
+        x_scale = _input_scale(weight, var, ctx.settings[0]).view(1, -1, 1, 1)
+
+        def to_input(masked: torch.Tensor, images: slice) -> None:
+            torch.mul(masked, x_scale, out=grad_x[images])
+
         grads = _norm_clamp_backward(grad, lambda images: x[images], (weight, bias, mean, var, *ctx.settings),
-                                     ctx.needs_input_grad[:3], memory_format(x))
-        return (*grads, None, None, None, None, None)
+                                     ctx.needs_input_grad[1:3], to_input if grad_x is not None else None)
+        return (grad_x, *grads, None, None, None, None, None)
 
 
 class _ConvFedNormClamp(torch.autograd.Function):
     """clamp(batch_norm(x), low, high) with running statistics, where ``x`` = conv(z, W) + b
-    came from a frozen convolution over a smaller input ``z`` (a 1x1 expansion): keeps ``z``,
-    and the backward pass redoes the convolution a few images at a time."""
+    came from a frozen convolution over a smaller input ``z`` (a 1x1 expansion): keeps ``z``.
+    ``x`` comes detached and the gradient goes to ``z``: the backward pass redoes the
+    convolution, the norm's backward and the convolution's backward a few images at a time."""
 
     @staticmethod
     def forward(ctx, x, conv_input, conv, weight, bias, mean, var, eps, low, high):
         ctx.save_for_backward(conv_input, weight, bias, mean, var)  # conv_input: checked for in-place changes
-        ctx.conv, ctx.settings, ctx.layout = conv, (eps, low, high), memory_format(x)
+        ctx.conv, ctx.settings = conv, (eps, low, high)
         return _norm(x, weight, bias, mean, var, eps).clamp_(low, high)
 
     @staticmethod
@@ -179,41 +191,63 @@ class _ConvFedNormClamp(torch.autograd.Function):
             return torch.conv2d(conv_input[images], conv.weight, conv.bias, conv.stride, conv.padding,
                                 conv.dilation, conv.groups)
 
-        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        grad_x, scale_grad, shift_grad = _norm_clamp_backward(
-            grad, expanded, (weight, bias, mean, var, *ctx.settings), wanted, ctx.layout)
-        return grad_x, None, None, scale_grad, shift_grad, None, None, None, None, None
+        # d norm(x) / dx per channel, folded into the convolution's weight: one pass less.
+        scaled = conv._replace(weight=conv.weight * _input_scale(weight, var, ctx.settings[0]).view(-1, 1, 1, 1))
+
+        def to_conv_input(masked: torch.Tensor, images: slice) -> None:
+            grad_z[images] = _conv_input_grad(masked, conv_input[images], scaled)
+
+        grad_z = _empty_like_in(conv_input, memory_format(conv_input)) if ctx.needs_input_grad[1] else None
+        scale_grad, shift_grad = _norm_clamp_backward(grad, expanded, (weight, bias, mean, var, *ctx.settings),
+                                                      ctx.needs_input_grad[3:5],
+                                                      to_conv_input if grad_z is not None else None)
+        return None, grad_z, None, scale_grad, shift_grad, None, None, None, None, None
 
 
 CHUNK = 1 << 20  # elements per backward pass on a CPU (4 MB in float32); a GPU takes the batch at once
 
 
 def _norm_clamp_backward(grad, norm_input: Callable[[slice], torch.Tensor], norm: tuple, wanted,
-                         layout: torch.memory_format) -> tuple:
-    """Gradients of clamp(batch_norm(x), low, high) with running statistics for x (in
-    ``layout``), the scale and the shift (None where not ``wanted``), a few images at a time;
-    ``norm_input(images)`` gives those images' x, kept or recomputed, ``norm`` is (weight,
-    bias, mean, var, eps, low, high). ``grad`` is read in whatever layout it comes: a
+                         write: Callable[[torch.Tensor, slice], None] | None) -> tuple:
+    """The scale's and the shift's gradients of clamp(batch_norm(x), low, high) with running
+    statistics (None where not ``wanted``), a few images at a time; ``norm_input(images)``
+    gives those images' x, kept or recomputed, ``norm`` is (weight, bias, mean, var, eps, low,
+    high). ``write(masked, images)``, unless None, takes each chunk's gradient for the norm's
+    output inside the clamp (a temporary) on to the gradient of x, or of what x came from. ``grad`` is read in whatever layout it comes: a
     contiguous copy of all of it would cost a fresh mapping as large as x."""
     weight, bias, mean, var, eps, low, high = norm
-    grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=layout) if wanted[0] else None
     sums = [torch.zeros_like(weight), torch.zeros_like(weight)]  # the scale's and the shift's gradients
     with torch.no_grad():
-        x_scale = (weight * torch.rsqrt(var + eps)).view(1, -1, 1, 1)  # d norm(x) / dx per channel
         for images in _image_chunks(grad):
             x = norm_input(images)
             inside = _norm(x, weight, bias, mean, var, eps)
             # The gradient inside the clamp, written over the recomputed norm's output.
             torch.ops.aten.hardtanh_backward.grad_input(grad[images], inside, low, high, grad_input=inside)
-            if wanted[1] or wanted[2]:
+            if wanted[0] or wanted[1]:
                 parts = torch.ops.aten.native_batch_norm_backward(
-                    inside, x, weight, mean, var, None, None, False, eps, [False, wanted[1], wanted[2]])[1:]
+                    inside, x, weight, mean, var, None, None, False, eps, [False, wanted[0], wanted[1]])[1:]
                 for total, part in zip(sums, parts):
                     if part is not None:
                         total += part
-            if grad_x is not None:
-                torch.mul(inside, x_scale, out=grad_x[images])
-    return grad_x, sums[0] if wanted[1] else None, sums[1] if wanted[2] else None
+            if write is not None:
+                write(inside, images)
+    return sums[0] if wanted[0] else None, sums[1] if wanted[1] else None
+
+
+def _input_scale(weight: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """d norm(x) / dx per channel of a BatchNorm with running statistics."""
+    with torch.no_grad():
+        return weight * torch.rsqrt(var + eps)
+
+
+def _conv_input_grad(grad: torch.Tensor, conv_input: torch.Tensor, conv: "_FrozenConv") -> torch.Tensor:
+    """The gradient for ``conv_input`` of a frozen convolution's output whose gradient is ``grad``."""
+    return torch.ops.aten.convolution_backward(grad, conv_input, conv.weight, None, conv.stride, conv.padding,
+                                               conv.dilation, False, [0, 0], conv.groups, (True, False, False))[0]
+
+
+def _empty_like_in(tensor: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device, memory_format=layout)
 
 
 def _image_chunks(grad: torch.Tensor) -> list[slice]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlilt import lean_backward
 from mlilt.lean_backward import conv2d_keeping_weight_only, lean_convolutions, lean_norm_clamps
@@ -111,6 +112,37 @@ def test_expansion_keeps_its_smaller_input_and_gives_the_same_gradients(bias, ac
     assert sum(size for *_, size in lean_kept) < 0.6 * sum(size for *_, size in plain_kept)
     assert torch.equal(lean_out, plain_out)  # the forward pass is unchanged
     _assert_as_close_as_plain(lean_grads, plain_grads, plain)
+
+
+class _ShapeCount(TorchDispatchMode):
+    """Counts the tensors of ``shape`` that operations make, ``empty`` ones included."""
+
+    def __init__(self, shape: tuple):
+        super().__init__()
+        self.shape, self.made = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += sum(isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape
+                         for t in (out if isinstance(out, (tuple, list)) else (out,)))
+        return out
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["plain", "lean"])
+def test_the_expanded_gradient_never_exists_whole(lean, monkeypatch):
+    """An image at a time, the norm's backward pass hands its gradient straight to the
+    expansion's input. The only batch-sized expanded tensors made are the gradient arriving
+    from the depthwise convolution and, lean, that convolution's stand-in for its input's
+    shape (``empty``, never written)."""
+    monkeypatch.setattr(lean_backward, "CHUNK", IMAGE_AT_A_TIME)
+    model = _expansion_block(True, nn.ReLU6)
+    if lean:
+        lean_convolutions(model)
+        lean_norm_clamps(model)
+    out = model(_pixels())
+    with _ShapeCount((BATCH, WIDE, SIZE, SIZE)) as counted:
+        out.sum().backward()
+    assert counted.made == (2 if lean else 3)  # plain: + the norm's and the clamp's input gradients
 
 
 def _assert_as_close_as_plain(lean_grads: dict, plain_grads: dict, plain: nn.Module) -> None:
