@@ -7,7 +7,9 @@ the per-token layers run on the real tokens only, packed as [tokens, width]; att
 sees the padded batch, one caption per row, because it mixes tokens of one caption.
 
 Each row of a per-token layer is computed on its own, so the result is the model's own forward
-(bit for bit on CPU in ``tests/test_padding_free.py``). The same module objects run, so
+(bit for bit on CPU in ``tests/test_padding_free.py``). On a CPU, attention runs in groups of
+captions of about the same length (``Packing.attention_groups``), each padded only to its own
+longest: the batch is sorted by length for that, and put back in order at the end. The same module objects run, so
 methods that wrap or parametrize them (adapters, LoRA, trained LayerNorms) need nothing new.
 
 Used only for encoders with absolute positions, no decoder and no cross-attention
@@ -24,6 +26,11 @@ from torch import nn
 from mlilt.grad_checkpoint import checkpointed, is_checkpointed
 
 SELF_CHECK_TOLERANCE = 1e-4  # relative to the features' largest value; float noise is ~1e-6
+# Captions per attention call on a CPU. Attention's cost grows with the square of the padded
+# length and the CPU kernel pays per call too: at batch 32, 12 heads of 32, caption lengths
+# 12-41, groups of 8 took 4.6 ms a layer (forward and backward) against 8.5 ms for one call
+# and 6.3 ms for groups of 16 (benchmarks/perf/README.md, session 10).
+ATTENTION_GROUP = 8
 
 
 class Packing:
@@ -35,6 +42,7 @@ class Packing:
         flat = attention_mask.reshape(-1).bool()
         self.index = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # None: nothing to drop
         self._additive: dict[torch.dtype, torch.Tensor] = {}
+        self._groups: list["Packing"] | None = None
 
     @classmethod
     def of_lengths(cls, lengths: list[int], device: torch.device) -> "Packing":
@@ -51,6 +59,29 @@ class Packing:
         if self.index is not None:
             packed = _Unpack.apply(packed, self.index, self.shape[0] * self.shape[1])
         return packed.view(*self.shape, *packed.shape[1:])
+
+    @property
+    def tokens(self) -> int:
+        """How many real tokens the batch has: the rows of its packed form."""
+        return self.shape[0] * self.shape[1] if self.index is None else len(self.index)
+
+    def attention_groups(self) -> list["Packing"]:
+        """The packing of each attention call, in packed order: groups of ``ATTENTION_GROUP``
+        captions, each padded to its own longest, when the rows are right-padded and sorted by
+        length on a CPU (a group's tokens are then consecutive packed rows); else the batch."""
+        if self._groups is None:
+            self._groups = [self]
+            lengths = self.attention_mask.sum(1)
+            if (self.attention_mask.device.type == "cpu" and len(lengths) > ATTENTION_GROUP
+                    and bool((lengths[:-1] <= lengths[1:]).all()) and self._right_padded(lengths)):
+                device, lengths = self.attention_mask.device, lengths.tolist()
+                self._groups = [Packing.of_lengths(lengths[first:first + ATTENTION_GROUP], device)
+                                for first in range(0, len(lengths), ATTENTION_GROUP)]
+        return self._groups
+
+    def _right_padded(self, lengths: torch.Tensor) -> bool:
+        positions = torch.arange(self.shape[1], device=lengths.device)
+        return bool(torch.equal(self.attention_mask.bool(), positions[None, :] < lengths[:, None]))
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, 1, S]: 0 for a real key, the dtype's lowest value for padding. Built in the
@@ -104,20 +135,28 @@ def _laid_out_as_bert(layer: nn.Module) -> bool:
 
 def packed_block(layer: nn.Module, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
     """One BERT layer on packed tokens [N, width]: what ``BertLayer.forward`` computes in eval
-    mode, with only the attention product on the padded batch."""
+    mode, with only the attention product on padded captions."""
     attention = layer.attention.self
     heads, size = attention.num_attention_heads, attention.attention_head_size
-    batch, length = packing.shape
-
-    def by_head(linear: nn.Module) -> torch.Tensor:
-        return packing.unpack(linear(hidden)).view(batch, length, heads, size).transpose(1, 2)
-
-    query = by_head(attention.query)
-    context = F.scaled_dot_product_attention(query, by_head(attention.key), by_head(attention.value),
-                                             attn_mask=packing.additive_mask(query.dtype), scale=size ** -0.5)
-    context = packing.pack(context.transpose(1, 2).reshape(batch, length, heads * size))
+    groups = packing.attention_groups()
+    projected = [linear(hidden) for linear in (attention.query, attention.key, attention.value)]
+    if len(groups) == 1:
+        context = _attend(packing, projected, heads, size)
+    else:  # split, not sliced: a slice's backward pass makes zeros as large as the whole per group
+        parts = [p.split([group.tokens for group in groups]) for p in projected]
+        context = torch.cat([_attend(group, [part[i] for part in parts], heads, size)
+                             for i, group in enumerate(groups)])
     attended = layer.attention.output(context, hidden)
     return layer.output(layer.intermediate(attended), attended)
+
+
+def _attend(packing: Packing, projected: list[torch.Tensor], heads: int, size: int) -> torch.Tensor:
+    """Scaled dot-product attention of packed queries, keys and values of one padded batch."""
+    batch, length = packing.shape
+    query, key, value = (packing.unpack(p).view(batch, length, heads, size).transpose(1, 2) for p in projected)
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=packing.additive_mask(query.dtype),
+                                             scale=size ** -0.5)
+    return packing.pack(context.transpose(1, 2).reshape(batch, length, heads * size))
 
 
 def run_packed_blocks(layers, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -130,10 +169,17 @@ def run_packed_blocks(layers, hidden: torch.Tensor, packing: Packing) -> torch.T
 
 def packed_last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The encoder's last hidden state [B, S, width], zeros at padding positions. The embeddings
-    run on the padded batch: XLM-R derives position ids from where the padding is."""
+    run on the padded batch: XLM-R derives position ids from where the padding is. On a CPU
+    the captions run sorted by length (for ``Packing.attention_groups``) and come back in order."""
+    order = attention_mask.sum(1).argsort(stable=True) if attention_mask.device.type == "cpu" else None
+    if order is not None and bool(torch.equal(order, torch.arange(len(order)))):
+        order = None  # sorted already
+    if order is not None:
+        input_ids, attention_mask = input_ids[order], attention_mask[order]
     packing = Packing(attention_mask)
     hidden = packing.pack(model.embeddings(input_ids=input_ids))
-    return packing.unpack(run_packed_blocks(model.encoder.layer, hidden, packing))
+    last = packing.unpack(run_packed_blocks(model.encoder.layer, hidden, packing))
+    return last if order is None else last[order.argsort()]
 
 
 def disagreement(candidate: torch.Tensor, reference: torch.Tensor) -> float | None:
