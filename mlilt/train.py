@@ -95,7 +95,7 @@ def _train(config: TrainConfig, console, ranks: Ranks) -> TrainResult:
     model, report, anchor = _build_model(config)
     model.to(ranks.device)
     images = ImageSource(model.image, config, ranks.device)
-    texts = TextSource(model.text, config, ranks.device, whole_batches=images.cached)
+    texts = TextSource(model.text, config, ranks.device)
     progress = TrainProgress(console)
     _warn_slow_bf16(config, ranks.device, console)
     texts.prepare(train_split, val_split)
@@ -183,14 +183,9 @@ def _build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, P
 class TextSource:
     """Caption embeddings; the frozen lower text blocks run once per caption when they can."""
 
-    def __init__(self, encoder: SideEncoder, config: TrainConfig, device: torch.device = torch.device("cpu"),
-                 whole_batches: bool = True):
+    def __init__(self, encoder: SideEncoder, config: TrainConfig, device: torch.device = torch.device("cpu")):
         self.encoder = encoder
         self.device = device
-        # A padding-free tower needs no length groups: one call per batch made its text step 3-12%
-        # faster, but in a step that also runs the image tower it kept 70-90 MB more at the peak
-        # (benchmarks/perf/README.md, session 8). There memory binds, so batches stay grouped.
-        self.whole_batches = whole_batches
         cut = cut_point(encoder.tower) if config.cache_text else None
         self.cache = PrefixCache(encoder.tower, cut, config.text_cache_mb * 2**20) if cut is not None else None
         self.tokens: dict[str, TokenizedTexts] = {}
@@ -213,7 +208,10 @@ class TextSource:
             input_ids, attention_mask = tokens.batch([indices[i] for i in group])
             return self.encoder(input_ids.to(self.device), attention_mask.to(self.device))
         lengths = tokens.lengths(indices)
-        if lengths is None or (self.whole_batches and getattr(self.encoder.tower, "runs_padding_free", False)):
+        # A padding-free tower needs no length groups: it groups captions for attention itself.
+        # One call per batch made the text step 3-12% faster (benchmarks/perf/README.md, session
+        # 8); with attention in groups it no longer keeps more at the peak (session 10).
+        if lengths is None or getattr(self.encoder.tower, "runs_padding_free", False):
             return run(list(range(len(indices))))
         return run_in_length_groups(lengths, run)  # same embeddings, less padding
 

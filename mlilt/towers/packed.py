@@ -27,9 +27,9 @@ from mlilt.grad_checkpoint import checkpointed, is_checkpointed
 
 SELF_CHECK_TOLERANCE = 1e-4  # relative to the features' largest value; float noise is ~1e-6
 # Captions per attention call on a CPU. Attention's cost grows with the square of the padded
-# length and the CPU kernel pays per call too: at batch 32, 12 heads of 32, caption lengths
-# 12-41, groups of 8 took 4.6 ms a layer (forward and backward) against 8.5 ms for one call
-# and 6.3 ms for groups of 16 (benchmarks/perf/README.md, session 10).
+# length, and the CPU kernel pays per call too. In groups of 8 an anchored ln+adapter step on
+# the offline tower took 0.89 CPU s against 0.92 s in one call, and 130 MB less at the peak
+# (benchmarks/perf/kernel_time.py, benchmarks/perf/README.md, session 10).
 ATTENTION_GROUP = 8
 
 
