@@ -7,10 +7,12 @@ the per-token layers run on the real tokens only, packed as [tokens, width]; att
 sees the padded batch, one caption per row, because it mixes tokens of one caption.
 
 Each row of a per-token layer is computed on its own, so the result is the model's own forward
-(bit for bit on CPU in ``tests/test_padding_free.py``). On a CPU, attention runs in groups of
-captions of about the same length (``Packing.attention_groups``), each padded only to its own
-longest: the batch is sorted by length for that, and put back in order at the end. The same module objects run, so
-methods that wrap or parametrize them (adapters, LoRA, trained LayerNorms) need nothing new.
+(bit for bit on CPU in ``tests/test_padding_free.py``, with attention in one call). On a CPU,
+attention runs in groups of captions of about the same length (``Packing.attention_groups``),
+each padded only to its own longest: the batch is sorted by length for that, and put back in
+order at the end; a caption padded to a shorter length sums its attention in another order,
+so there the result is the same to float rounding. The same module objects run, so methods
+that wrap or parametrize them (adapters, LoRA, trained LayerNorms) need nothing new.
 
 Used only for encoders with absolute positions, no decoder and no cross-attention
 (``why_not_packable``). The tower compares the packed forward with the model's own on its first
