@@ -213,8 +213,9 @@ def _norm_clamp_backward(grad, norm_input: Callable[[slice], torch.Tensor], norm
     statistics (None where not ``wanted``), a few images at a time; ``norm_input(images)``
     gives those images' x, kept or recomputed, ``norm`` is (weight, bias, mean, var, eps, low,
     high). ``write(masked, images)``, unless None, takes each chunk's gradient for the norm's
-    output inside the clamp (a temporary) on to the gradient of x, or of what x came from. ``grad`` is read in whatever layout it comes: a
-    contiguous copy of all of it would cost a fresh mapping as large as x."""
+    output inside the clamp (a temporary) on to the gradient of x, or of what x came from.
+    ``grad`` is read in whatever layout it comes: a contiguous copy of all of it would cost a
+    fresh mapping as large as x."""
     weight, bias, mean, var, eps, low, high = norm
     sums = [torch.zeros_like(weight), torch.zeros_like(weight)]  # the scale's and the shift's gradients
     with torch.no_grad():
@@ -247,6 +248,7 @@ def _conv_input_grad(grad: torch.Tensor, conv_input: torch.Tensor, conv: "_Froze
 
 
 def _empty_like_in(tensor: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """An unwritten tensor of ``tensor``'s shape, dtype and device, in ``layout``."""
     return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device, memory_format=layout)
 
 

@@ -103,7 +103,7 @@ def test_features_and_gradients_are_the_models_own(method, build, pooling, side,
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_attention_runs_in_groups_of_captions_of_about_the_same_length(side, monkeypatch):
     """Sorted by length, the six captions attend in three calls of two, each padded to its own
-    longest; left-padded rows (whose tokens are not consecutive once packed) attend at once."""
+    longest, whichever side the tokenizer pads on."""
     monkeypatch.setattr(packed, "ATTENTION_GROUP", 2)
     tower = _trained_copy(tiny_text_tower(), "ln")
     tower.tokenizer.padding_side = side
@@ -113,8 +113,16 @@ def test_attention_runs_in_groups_of_captions_of_about_the_same_length(side, mon
     monkeypatch.setattr(packed, "_attend", lambda packing, *rest: calls.append(packing.shape) or attend(packing, *rest))
     _features_and_grads(tower, tokens, padding_free=True)
     lengths = sorted(tokens["attention_mask"].sum(1).tolist())
-    per_layer = [(2, lengths[1]), (2, lengths[3]), (2, lengths[5])] if side == "right" else [(6, lengths[5])]
-    assert calls == per_layer * len(tower.model.encoder.layer)
+    assert calls == [(2, lengths[1]), (2, lengths[3]), (2, lengths[5])] * len(tower.model.encoder.layer)
+
+
+def test_attention_groups_are_consecutive_rows_sorted_by_length(monkeypatch):
+    monkeypatch.setattr(packed, "ATTENTION_GROUP", 2)
+    cpu = torch.device("cpu")
+    groups = Packing.of_lengths([1, 2, 2, 4, 5], cpu).attention_groups()
+    assert [(group.shape, group.tokens) for group in groups] == [((2, 2), 3), ((2, 4), 6), ((1, 5), 5)]
+    unsorted = Packing.of_lengths([4, 1, 2, 2, 5], cpu)
+    assert unsorted.attention_groups() == [unsorted]  # groups would mix long and short captions
 
 
 def test_a_batch_without_padding_runs_the_same_path():

@@ -68,22 +68,20 @@ class Packing:
         return self.shape[0] * self.shape[1] if self.index is None else len(self.index)
 
     def attention_groups(self) -> list["Packing"]:
-        """The packing of each attention call, in packed order: groups of ``ATTENTION_GROUP``
-        captions, each padded to its own longest, when the rows are right-padded and sorted by
-        length on a CPU (a group's tokens are then consecutive packed rows); else the batch."""
+        """The packing of each attention call, in packed order. On a CPU, for rows sorted by
+        length: groups of ``ATTENTION_GROUP`` consecutive captions, each padded (on the right)
+        to its own longest only; a caption's tokens are consecutive packed rows whichever side
+        it was padded on, and attention does not care where the padding is once positions are
+        embedded. Otherwise the batch at once."""
         if self._groups is None:
-            self._groups = [self]
-            lengths = self.attention_mask.sum(1)
-            if (self.attention_mask.device.type == "cpu" and len(lengths) > ATTENTION_GROUP
-                    and bool((lengths[:-1] <= lengths[1:]).all()) and self._right_padded(lengths)):
-                device, lengths = self.attention_mask.device, lengths.tolist()
-                self._groups = [Packing.of_lengths(lengths[first:first + ATTENTION_GROUP], device)
+            lengths = self.attention_mask.sum(1).tolist()
+            if (self.attention_mask.device.type != "cpu" or len(lengths) <= ATTENTION_GROUP
+                    or lengths != sorted(lengths)):
+                self._groups = [self]
+            else:
+                self._groups = [Packing.of_lengths(lengths[first:first + ATTENTION_GROUP], self.attention_mask.device)
                                 for first in range(0, len(lengths), ATTENTION_GROUP)]
         return self._groups
-
-    def _right_padded(self, lengths: torch.Tensor) -> bool:
-        positions = torch.arange(self.shape[1], device=lengths.device)
-        return bool(torch.equal(self.attention_mask.bool(), positions[None, :] < lengths[:, None]))
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, 1, S]: 0 for a real key, the dtype's lowest value for padding. Built in the
