@@ -191,13 +191,13 @@ class _ConvFedNormClamp(torch.autograd.Function):
             return torch.conv2d(conv_input[images], conv.weight, conv.bias, conv.stride, conv.padding,
                                 conv.dilation, conv.groups)
 
+        grad_z = _empty_like_in(conv_input, memory_format(conv_input)) if ctx.needs_input_grad[1] else None
         # d norm(x) / dx per channel, folded into the convolution's weight: one pass less.
         scaled = conv._replace(weight=conv.weight * _input_scale(weight, var, ctx.settings[0]).view(-1, 1, 1, 1))
 
         def to_conv_input(masked: torch.Tensor, images: slice) -> None:
             grad_z[images] = _conv_input_grad(masked, conv_input[images], scaled)
 
-        grad_z = _empty_like_in(conv_input, memory_format(conv_input)) if ctx.needs_input_grad[1] else None
         scale_grad, shift_grad = _norm_clamp_backward(grad, expanded, (weight, bias, mean, var, *ctx.settings),
                                                       ctx.needs_input_grad[3:5],
                                                       to_conv_input if grad_z is not None else None)
@@ -242,7 +242,8 @@ def _input_scale(weight: torch.Tensor, var: torch.Tensor, eps: float) -> torch.T
 
 
 def _conv_input_grad(grad: torch.Tensor, conv_input: torch.Tensor, conv: "_FrozenConv") -> torch.Tensor:
-    """The gradient for ``conv_input`` of a frozen convolution's output whose gradient is ``grad``."""
+    """The gradient for ``conv_input`` of a frozen convolution's output whose gradient is
+    ``grad``; only ``conv_input``'s shape and layout are used."""
     return torch.ops.aten.convolution_backward(grad, conv_input, conv.weight, None, conv.stride, conv.padding,
                                                conv.dilation, False, [0, 0], conv.groups, (True, False, False))[0]
 
@@ -343,10 +344,8 @@ class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.settings
         # Stands in for the input: its shape and layout choose the kernel (an expanded
         # 0-stride stand-in sent channels-last convolutions down a slow path); never read.
         shape_only = torch.empty(ctx.input_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.input_format)
-        grad_input = torch.ops.aten.convolution_backward(grad, shape_only, weight, None, stride, padding, dilation,
-                                                         False, [0, 0], groups, (True, False, False))[0]
+        grad_input = _conv_input_grad(grad, shape_only, _FrozenConv(weight, None, *ctx.settings))
         return grad_input, None, None, None, None, None, None

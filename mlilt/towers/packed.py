@@ -172,7 +172,7 @@ def packed_last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask
     run on the padded batch: XLM-R derives position ids from where the padding is. On a CPU
     the captions run sorted by length (for ``Packing.attention_groups``) and come back in order."""
     order = attention_mask.sum(1).argsort(stable=True) if attention_mask.device.type == "cpu" else None
-    if order is not None and bool(torch.equal(order, torch.arange(len(order)))):
+    if order is not None and torch.equal(order, torch.arange(len(order))):
         order = None  # sorted already
     if order is not None:
         input_ids, attention_mask = input_ids[order], attention_mask[order]
