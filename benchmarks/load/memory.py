@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ import torch
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mlilt from this checkout; the tiny towers
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks" / "perf")]  # mlilt from this checkout; the tiny towers
+from _common import scratch_dir  # noqa: E402
 
 MB = 1024  # /proc reports kB
 
@@ -297,7 +297,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where generated data and packs go (default: temp)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="mlilt-load-"))
+    root = scratch_dir("mlilt-load-", args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLILT_CACHE", str(root / "cache"))  # a fresh feature cache, not the user's
     register_tiny_towers()

@@ -5,13 +5,16 @@ invocation on the same machine; absolute times on a shared machine mean little o
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,6 +52,17 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def scratch_dir(prefix: str, given: str | None = None) -> Path:
+    """The run's work folder: ``given`` (the user's, kept), else a new temporary one, removed
+    when the run ends by any means short of being killed. A run leaves demo data, feature
+    caches and packs there, up to 2 GB; the runs of sessions 4-10 had left 57 GB in /tmp."""
+    if given:
+        return Path(given)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
 
 
 def median(values: list[float]) -> float:

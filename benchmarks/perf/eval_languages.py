@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, emit, machine, run_child, table  # noqa: E402
+from _common import REPO, emit, machine, run_child, scratch_dir, table  # noqa: E402
 
 IMAGE_BATCH = 32
 TEXT_BATCH = 64
@@ -162,7 +162,7 @@ def main() -> None:
     if args.child:
         emit((run_mlilt if args.child == "mlilt" else run_clip_benchmark_style)(args))
         return
-    work = Path(args.work or tempfile.mkdtemp(prefix="mlilt-perf-"))
+    work = scratch_dir("mlilt-perf-", args.work)
     started = time.perf_counter()
     root = write_xm3600(work / f"xm3600-{args.images}", args.images)
     print(f"synthetic XM3600 tree with {args.images} images: {time.perf_counter() - started:.0f} s", flush=True)

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, demo_data, emit, machine, peak_rss_mb, run_child, table, turn_order  # noqa: E402
+from _common import REPO, demo_data, emit, machine, peak_rss_mb, run_child, scratch_dir, table, turn_order  # noqa: E402
 
 SMALL_PAGES = {"THP_MEM_ALLOC_ENABLE": "0"}
 HEAP_ONLY = {"MLILT_MALLOC": "default", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
@@ -90,7 +90,7 @@ def main() -> None:
     if args.child:
         emit(run_setting(args))
         return
-    work = Path(tempfile.mkdtemp(prefix="mlilt-kernel-"))
+    work = scratch_dir("mlilt-kernel-")
     pairs_file = demo_data(work / "demo", ["sw"], args.pairs) / "sw" / "train.jsonl"
     cells = [(tree, setting) for tree in args.trees.split(",") for setting in args.settings.split(",")]
     results: dict[tuple, list[dict]] = {cell: [] for cell in cells}

@@ -24,12 +24,11 @@ import copy
 import functools
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import demo_data, machine, table  # noqa: E402
+from _common import demo_data, machine, scratch_dir, table  # noqa: E402
 
 
 def cpu_seconds(run, repeats: int) -> float:
@@ -169,7 +168,7 @@ def text_rows(args) -> list[list[str]]:
     from mlilt.encode import TokenizedTexts, run_in_length_groups
     from mlilt.towers.registry import load_text_tower
 
-    work = Path(tempfile.mkdtemp(prefix="mlilt-levers-"))
+    work = scratch_dir("mlilt-levers-")
     pairs = demo_data(work / "demo", ["sw"], max(400, args.batch_size * 4)) / "sw" / "train.jsonl"
     captions = [json.loads(line)["caption"] for line in pairs.read_text().splitlines()]
     side = build_sides({"text": load_text_tower("me5-small")}, "ln+adapter", 256, seed=0)[0]["text"]

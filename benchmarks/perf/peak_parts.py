@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import status_mb, demo_data, machine, peak_rss_mb, reset_peak_rss, table  # noqa: E402
+from _common import status_mb, demo_data, machine, peak_rss_mb, reset_peak_rss, scratch_dir, table  # noqa: E402
 
 
 def resident() -> list[str]:
@@ -48,7 +47,7 @@ def main() -> None:
     from mlilt.towers.registry import load_image_tower, load_text_tower
     from mlilt.train_config import TrainConfig
 
-    work = Path(tempfile.mkdtemp(prefix="mlilt-peak-"))
+    work = scratch_dir("mlilt-peak-")
     pairs = demo_data(work / "demo", ["sw"], args.pairs) / "sw" / "train.jsonl"
     config = TrainConfig(lang="sw", data=str(pairs), out=str(work / "pack"), method=args.method,
                          anchor=args.anchor or None, epochs=1, batch_size=32, holdout=2, checkpoint_every=0)

@@ -19,7 +19,7 @@ import io
 import platform
 import re
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +29,9 @@ from rich.console import Console
 import mlilt.train as training
 from mlilt.data.demo import generate_demo
 from mlilt.train_config import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import scratch_dir  # noqa: E402
 
 
 def timed_run(config: TrainConfig) -> dict:
@@ -64,7 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="mlilt-prefix-cache-"))
+    work = scratch_dir("mlilt-prefix-cache-")
     generate_demo(work / "data", ["sw"], n=args.pairs, seed=0)
     rows = {False: [], True: []}
     for repeat in range(args.repeats):

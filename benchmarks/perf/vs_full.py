@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPO, demo_data, emit, machine, median, peak_rss_mb, reset_peak_rss,  # noqa: E402
-                     rss_mb, run_child, steady, table, turn_order)
+                     rss_mb, run_child, scratch_dir, steady, table, turn_order)
 
 DEFAULT_METHODS = "ln,ln+adapter,lora"
 FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing", "norms": "recompute_norms"}  # METHOD/FLAG: training options
@@ -200,7 +200,7 @@ def main() -> None:
     if args.child:
         emit(run_method(args))
         return
-    work = Path(args.work or tempfile.mkdtemp(prefix="mlilt-perf-"))
+    work = scratch_dir("mlilt-perf-", args.work)
     pairs_file = demo_data(work / "demo", ["sw"], args.pairs) / "sw" / "train.jsonl"
     results = measure(__file__, work, pairs_file, args)
     grouped, padded, real = zip(*[t for r in results for t in r["tokens"]])

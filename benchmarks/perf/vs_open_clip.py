@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, demo_data, emit, machine, median, run_child, steady, table, turn_order  # noqa: E402
+from _common import REPO, demo_data, emit, machine, median, run_child, scratch_dir, steady, table, turn_order  # noqa: E402
 from mlilt.allocator import MMAP_THRESHOLD, TORCH_SETTING  # noqa: E402
 
 MODEL_NAME = "mlilt-offline-pair"
@@ -320,7 +320,7 @@ def main() -> None:
     if args.child:
         emit((run_mlilt if args.child == "mlilt" else run_open_clip)(args))
         return
-    work = Path(args.work or tempfile.mkdtemp(prefix="mlilt-perf-"))
+    work = scratch_dir("mlilt-perf-", args.work)
     pairs_file = demo_data(work / "demo", ["sw"], args.pairs) / "sw" / "train.jsonl"
     write_open_clip_inputs(work, pairs_file, embed_dim=256, context_length=64)
     results, pairs = measure(__file__, work, pairs_file, args)
