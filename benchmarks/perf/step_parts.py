@@ -2,7 +2,7 @@
 and what the step costs with a part of the text tower left out (a timing only: the math is
 then wrong, and no pack of such a run means anything).
 
-    python benchmarks/perf/step_parts.py [--method ln+adapter] [--anchor langpacks/sw]
+    python benchmarks/perf/step_parts.py [--method ln+adapter] [--anchor PACK]
                                          [--leave-out attention,gelu] [--pairs 400] [--repeats 2]
 
 Each variant runs in its own process: one epoch of ``mlilt.train.train`` on the demo pairs,
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import demo_data, emit, machine, run_child, scratch_dir, table, turn_order  # noqa: E402
+from _common import REPO, demo_data, emit, machine, run_child, scratch_dir, table, turn_order  # noqa: E402
 
 PARTS = ("attention", "gelu")
 
@@ -102,7 +102,7 @@ def run_variant(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="ln+adapter")
-    parser.add_argument("--anchor", default="langpacks/sw", help="train against this pack ('' for none)")
+    parser.add_argument("--anchor", default=str(REPO / "langpacks" / "sw"), help="train against this pack ('' for none)")
     parser.add_argument("--leave-out", default=",".join(PARTS), help=f"parts to time without: {', '.join(PARTS)}")
     parser.add_argument("--pairs", type=int, default=400, help="demo scenes (80%% train: 10 steps at 400)")
     parser.add_argument("--repeats", type=int, default=2)
