@@ -75,8 +75,7 @@ class Packing:
         embedded. Otherwise the batch at once."""
         if self._groups is None:
             lengths = self.attention_mask.sum(1).tolist()
-            if (self.attention_mask.device.type != "cpu" or len(lengths) <= ATTENTION_GROUP
-                    or lengths != sorted(lengths)):
+            if not _attends_in_groups(len(lengths), self.attention_mask.device) or lengths != sorted(lengths):
                 self._groups = [self]
             else:
                 self._groups = [Packing.of_lengths(lengths[first:first + ATTENTION_GROUP], self.attention_mask.device)
@@ -90,6 +89,12 @@ class Packing:
             keep = self.attention_mask[:, None, None, :].to(dtype)
             self._additive[dtype] = (1.0 - keep) * torch.finfo(dtype).min
         return self._additive[dtype]
+
+
+def _attends_in_groups(captions: int, device: torch.device) -> bool:
+    """Whether a batch of ``captions`` runs attention in length groups: on a CPU, more than
+    ``ATTENTION_GROUP`` of them (fewer run in one call, needing no sort)."""
+    return device.type == "cpu" and captions > ATTENTION_GROUP
 
 
 class _Unpack(torch.autograd.Function):
@@ -170,8 +175,10 @@ def run_packed_blocks(layers, hidden: torch.Tensor, packing: Packing) -> torch.T
 def packed_last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The encoder's last hidden state [B, S, width], zeros at padding positions. The embeddings
     run on the padded batch: XLM-R derives position ids from where the padding is. On a CPU
-    the captions run sorted by length (for ``Packing.attention_groups``) and come back in order."""
-    order = attention_mask.sum(1).argsort(stable=True) if attention_mask.device.type == "cpu" else None
+    the captions of a batch that attends in groups run sorted by length (for
+    ``Packing.attention_groups``) and come back in order."""
+    grouped = _attends_in_groups(len(attention_mask), attention_mask.device)
+    order = attention_mask.sum(1).argsort(stable=True) if grouped else None
     if order is not None and torch.equal(order, torch.arange(len(order))):
         order = None  # sorted already
     if order is not None:
