@@ -65,6 +65,17 @@ def scratch_dir(prefix: str, given: str | None = None) -> Path:
     return work
 
 
+def one_epoch_config(pairs_file, work: Path, method: str, anchor: str = "", **options):
+    """The ``TrainConfig`` the step benchmarks' children train with: one epoch of demo pairs
+    (2 held out), batch 32 unless given, no checkpoints, a pack folder of its own under ``work``.
+    ``mlilt`` is imported here, so a child that put another checkout first on its path gets it."""
+    from mlilt.train_config import TrainConfig
+
+    out = Path(tempfile.mkdtemp(dir=work)) / "pack"
+    settings = {"epochs": 1, "batch_size": 32, "holdout": 2, "checkpoint_every": 0, **options}
+    return TrainConfig(lang="sw", data=str(pairs_file), out=str(out), method=method, anchor=anchor or None, **settings)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

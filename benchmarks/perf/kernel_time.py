@@ -24,11 +24,11 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, demo_data, emit, machine, peak_rss_mb, run_child, scratch_dir, table, turn_order  # noqa: E402
+from _common import (REPO, demo_data, emit, machine, one_epoch_config, peak_rss_mb, run_child, scratch_dir,  # noqa: E402
+                     table, turn_order)
 
 SMALL_PAGES = {"THP_MEM_ALLOC_ENABLE": "0"}
 HEAP_ONLY = {"MLILT_MALLOC": "default", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
@@ -45,7 +45,6 @@ def run_setting(args) -> dict:
         fix_mmap_threshold(parse_size(args.setting.split("/")[0]))
     import mlilt
     import mlilt.train as training
-    from mlilt.train_config import TrainConfig
 
     step, deltas = training._step, []
 
@@ -58,9 +57,7 @@ def run_setting(args) -> dict:
         return out
 
     training._step = measured_step
-    config = TrainConfig(lang="sw", data=args.pairs_file, out=str(Path(tempfile.mkdtemp(dir=args.work)) / "pack"),
-                         method=args.method, anchor=args.anchor or None, epochs=1, batch_size=32, holdout=2,
-                         checkpoint_every=0)
+    config = one_epoch_config(args.pairs_file, args.work, args.method, args.anchor)
     training.train(config)
     steady = deltas[2:] or deltas
     user, system, faults = (statistics.median(column) for column in zip(*steady))

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import status_mb, demo_data, machine, peak_rss_mb, reset_peak_rss, scratch_dir, table  # noqa: E402
+from _common import (demo_data, machine, one_epoch_config, peak_rss_mb, reset_peak_rss, scratch_dir,  # noqa: E402
+                     status_mb, table)
 
 
 def resident() -> list[str]:
@@ -45,12 +46,10 @@ def main() -> None:
     torch.set_num_threads(1)
     import mlilt.train as training
     from mlilt.towers.registry import load_image_tower, load_text_tower
-    from mlilt.train_config import TrainConfig
 
     work = scratch_dir("mlilt-peak-")
     pairs = demo_data(work / "demo", ["sw"], args.pairs) / "sw" / "train.jsonl"
-    config = TrainConfig(lang="sw", data=str(pairs), out=str(work / "pack"), method=args.method,
-                         anchor=args.anchor or None, epochs=1, batch_size=32, holdout=2, checkpoint_every=0)
+    config = one_epoch_config(pairs, work, args.method, args.anchor)
     stages.append(["+ torch, mlilt"] + resident())
     load_text_tower(config.text_tower, pooling=config.pooling, max_length=config.max_length,
                     prefix=config.text_prefix)

@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, demo_data, emit, machine, run_child, scratch_dir, table, turn_order  # noqa: E402
+from _common import (REPO, demo_data, emit, machine, one_epoch_config, run_child, scratch_dir, table,  # noqa: E402
+                     turn_order)
 
 PARTS = ("attention", "gelu")
 
@@ -57,7 +57,6 @@ def run_variant(args) -> dict:
     import torch
 
     import mlilt.train as training
-    from mlilt.train_config import TrainConfig
 
     if args.variant != "none":
         leave_out(args.variant)
@@ -92,9 +91,7 @@ def run_variant(args) -> dict:
     for source in (training.TextSource, training.ImageSource):
         source.embed = timed(source.embed, "forward")
     torch.autograd.backward = timed(torch.autograd.backward, "backward")
-    config = TrainConfig(lang="sw", data=args.pairs_file, out=str(Path(tempfile.mkdtemp(dir=args.work)) / "pack"),
-                         method=args.method, anchor=args.anchor or None, epochs=1, batch_size=32, holdout=2,
-                         checkpoint_every=0)
+    config = one_epoch_config(args.pairs_file, args.work, args.method, args.anchor)
     training.train(config)
     return {key: statistics.median(values[2:] or values) for key, values in times.items()}
 

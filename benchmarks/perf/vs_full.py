@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPO, demo_data, emit, machine, median, peak_rss_mb, reset_peak_rss,  # noqa: E402
-                     rss_mb, run_child, scratch_dir, steady, table, turn_order)
+                     one_epoch_config, rss_mb, run_child, scratch_dir, steady, table, turn_order)
 
 DEFAULT_METHODS = "ln,ln+adapter,lora"
 FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing", "norms": "recompute_norms"}  # METHOD/FLAG: training options
@@ -45,7 +44,6 @@ def run_method(args) -> dict:
     tune_allocator()  # as the mlilt command does, before any tensor
     import mlilt.train as training
     from mlilt.towers.registry import load_image_tower, load_text_tower
-    from mlilt.train_config import TrainConfig
 
     method, *flags = args.method.split("/")
     flags = [flag for flag in flags if not set_group_call_tokens(flag)]
@@ -53,9 +51,8 @@ def run_method(args) -> dict:
     if unknown:
         raise SystemExit(f"{args.method}: unknown option {', '.join(sorted(unknown))}; known: {', '.join(FLAGS)}, "
                          f"groups:N, groups:off")
-    config = TrainConfig(lang="sw", data=args.pairs_file, out=str(Path(tempfile.mkdtemp(dir=args.work)) / "pack"),
-                         method=method, anchor=args.anchor or None, epochs=1, batch_size=args.batch_size,
-                         holdout=2, checkpoint_every=0, **{FLAGS[flag]: True for flag in flags})
+    config = one_epoch_config(args.pairs_file, args.work, method, args.anchor, batch_size=args.batch_size,
+                              **{FLAGS[flag]: True for flag in flags})
     load_text_tower(config.text_tower, pooling=config.pooling, max_length=config.max_length,
                     prefix=config.text_prefix)
     load_image_tower(config.image_tower)  # train() reuses both: they are the baseline
