@@ -11,8 +11,8 @@ import argparse
 
 from safetensors.torch import save
 
-from mlilt.build import build_sides
-from mlilt.model import ContrastiveModel
+from mlilt.modeling.factory import build_sides
+from mlilt.modeling.model import ContrastiveModel
 from mlilt.defaults import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
 from mlilt.towers.registry import load_image_tower, load_text_tower
 

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mlilt.build import build_sides, load_state_strict
+from mlilt.modeling.factory import build_sides, load_state_strict
 from mlilt.data.feature_cache import tower_features
-from mlilt.encode import encode_texts
+from mlilt.modeling.encode import encode_texts
 from mlilt.errors import PackError, UsageError
-from mlilt.model import SideEncoder
+from mlilt.modeling.model import SideEncoder
 from mlilt.packs import Pack, PackConfig, check_tower, read_pack
 from mlilt.towers.registry import load_image_tower, load_text_tower
 

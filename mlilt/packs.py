@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from mlilt import atomic
+from mlilt.files import atomic
 from mlilt.errors import PackError, UsageError
-from mlilt.model import ContrastiveModel, image_side_id
+from mlilt.modeling.model import ContrastiveModel, image_side_id
 
 PACK_CONFIG = "langpack.json"
 PACK_TENSORS = "langpack.safetensors"
@@ -251,7 +251,7 @@ def check_tower(pack: Pack, side: str, fingerprint: str, spec: str) -> None:
 # ---- finding packs by name -------------------------------------------------------------
 
 def pack_search_dirs() -> list[Path]:
-    from mlilt.paths import cache_dir
+    from mlilt.files.paths import cache_dir
     dirs = [Path(p) for p in os.environ.get(PACKS_ENV, "").split(os.pathsep) if p]
     return dirs + [Path.cwd() / "langpacks", cache_dir() / "packs"]
 

@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 import mlilt
 from mlilt.cli import app
-from mlilt.data.demo import generate_demo
+from mlilt.demo.data import generate_demo
 from mlilt.errors import UsageError
 from mlilt.towers.registry import register_tower
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 from tiny_towers import tiny_text_tower, tiny_timm_vit
 
 runner = CliRunner()

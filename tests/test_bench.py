@@ -88,8 +88,8 @@ def test_full_trains_more_than_ln_and_writes_bigger_packs(study):
 
 def test_budgets_are_nested_training_sets(study):
     """The 24-pair budget is a subset of the 48-pair one (same seed): budgets differ only in size."""
-    from mlilt.bench import load_study
-    from mlilt.bench.cell import budget_pairs
+    from mlilt.studies import load_study
+    from mlilt.studies.cell import budget_pairs
 
     config = load_study(study["config"])
     small, large = (budget_pairs(config, study["out"], config.cell(f"en_ln_n{b}_s0")) for b in BUDGETS)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mlilt.errors import DataError, UsageError
-from mlilt.evaluation.benchmarks import BENCHMARKS, benchmark_languages, load_benchmark
+from mlilt.datasets.benchmarks import BENCHMARKS, benchmark_languages, load_benchmark
 
 XM_LANGS = ("ar bn cs da de el en es fa fi fil fr he hi hr hu id it ja ko mi nl no pl pt "
             "quz ro ru sv sw te th tr uk vi zh").split()

@@ -7,9 +7,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from mlilt.data.demo import generate_demo
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.demo.data import generate_demo
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,8 +17,8 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mlilt import lean_backward
-from mlilt.lean_backward import conv2d_keeping_weight_only, lean_convolutions, lean_norm_clamps
+from mlilt.speed import lean_backward
+from mlilt.speed.lean_backward import conv2d_keeping_weight_only, lean_convolutions, lean_norm_clamps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

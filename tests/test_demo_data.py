@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mlilt.data import demo
-from mlilt.data.demo import COLORS, POSITIONS, SHAPES, SIZES, caption_scene, demo_languages, generate_demo, lexicon
+from mlilt.demo import data as demo
+from mlilt.demo.data import COLORS, POSITIONS, SHAPES, SIZES, caption_scene, demo_languages, generate_demo, lexicon
 from mlilt.errors import UsageError
 
 N = 60

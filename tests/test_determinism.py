@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from mlilt.data.demo import generate_demo
+from mlilt.demo.data import generate_demo
 from mlilt.packs import PACK_CONFIG, PACK_TENSORS, serialize_tensors
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlilt.checkpoint import STATE_FILE, checkpoint_dir
-from mlilt.data.demo import generate_demo
+from mlilt.training.checkpoint import STATE_FILE, checkpoint_dir
+from mlilt.demo.data import generate_demo
 from mlilt.packs import PACK_CONFIG, PACK_TENSORS
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 
 # Each torchrun start imports torch, transformers and timm in every worker: 30-80 s a test here.
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mlilt.data import download as dl
+from mlilt.datasets import download as dl
 from mlilt.errors import DataError, MliltError
-from mlilt.evaluation.benchmarks import load_benchmark
+from mlilt.datasets.benchmarks import load_benchmark
 
 KEYS = ["000411001ff7dd4f", "0a1b2c3d4e5f6789", "ffeeddccbbaa0011"]
 

@@ -8,13 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from mlilt.cli import app
-from mlilt.data.demo import generate_demo
+from mlilt.demo.data import generate_demo
 from mlilt.errors import UsageError
 from mlilt.evaluation.evaluate import evaluate
 from mlilt.evaluation.runner import plan_languages
 from mlilt.towers.registry import register_tower
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 from tiny_towers import tiny_text_tower, tiny_timm_vit
 
 runner = CliRunner()

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from mlilt.data.images import ImageRef
-from mlilt.encode import TokenizedTexts, encode_texts
+from mlilt.modeling.encode import TokenizedTexts, encode_texts
 from mlilt.evaluation.evaluate import PairsRetrievalSet
 from mlilt.evaluation.runner import ImageSpace, evaluate_sets
-from mlilt.model import SideEncoder
+from mlilt.modeling.model import SideEncoder
 from mlilt.towers.text import HFTextTower
 from tiny_towers import tiny_text_tower, tiny_timm_vit
 

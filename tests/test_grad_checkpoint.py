@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlilt.build import build_sides
-from mlilt.data.demo import generate_demo
-from mlilt.grad_checkpoint import checkpoint_blocks
+from mlilt.modeling.factory import build_sides
+from mlilt.demo.data import generate_demo
+from mlilt.speed.grad_checkpoint import checkpoint_blocks
 from mlilt.packs import PACK_TENSORS
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 from tiny_towers import tiny_text_tower, tiny_timm_cnn, tiny_timm_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ from sacrebleu.metrics import CHRF
 from typer.testing import CliRunner
 
 from mlilt.cli import app
-from mlilt.data.demo import generate_demo
+from mlilt.demo.data import generate_demo
 from mlilt.data.leakage import candidates, exclude_leaks, find_leaks
 from mlilt.data.pairs import read_pairs
 from mlilt.errors import UsageError
@@ -197,8 +197,8 @@ def test_cli_exit_codes(leaky, demo, tmp_path):
 
 def test_train_exclude_leaks_drops_them_and_records_it(leaky, demo, tmp_path):
     from mlilt.towers.registry import register_tower
-    from mlilt.train import train
-    from mlilt.train_config import TrainConfig
+    from mlilt.training.trainer import train
+    from mlilt.training.config import TrainConfig
     from tiny_towers import tiny_text_tower, tiny_timm_cnn
 
     register_tower(tiny_text_tower())

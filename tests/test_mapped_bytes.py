@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mlilt.towers.base import weights_fingerprint
-from mlilt.towers.mapped_bytes import CHUNK, tensor_bytes
+from mlilt.speed.mapped_bytes import CHUNK, tensor_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux memory maps")
 

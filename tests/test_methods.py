@@ -20,10 +20,10 @@ import pytest
 import torch
 from torch import nn
 
-from mlilt.build import build_sides
+from mlilt.modeling.factory import build_sides
 from mlilt.errors import UsageError
 from mlilt.methods import CATALOG, METHODS, parse_method
-from mlilt.model import ContrastiveModel, contrastive_loss
+from mlilt.modeling.model import ContrastiveModel, contrastive_loss
 from tiny_towers import IMAGE_TOWERS, WORDS, tiny_text_tower
 
 EMBED_DIM = 16

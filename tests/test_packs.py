@@ -21,18 +21,18 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import mlilt
-import mlilt.train as train_module
-from mlilt.build import build_sides
-from mlilt.data.demo import generate_demo
+import mlilt.training.trainer as train_module
+from mlilt.modeling.factory import build_sides
+from mlilt.demo.data import generate_demo
 from mlilt.data.pairs import read_pairs
-from mlilt.encode import encode_texts
+from mlilt.modeling.encode import encode_texts
 from mlilt.errors import PackError, UsageError
-from mlilt.model import ContrastiveModel, SideEncoder, image_side_id
+from mlilt.modeling.model import ContrastiveModel, SideEncoder, image_side_id
 from mlilt.packs import FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, read_pack, save_pack
 from mlilt.towers import registry
 from mlilt.towers.registry import register_tower
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 from tiny_towers import tiny_text_tower, tiny_timm_vit
 
 EMBED_DIM = 16

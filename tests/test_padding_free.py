@@ -10,17 +10,17 @@ import torch
 from safetensors.torch import load_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mlilt.build import build_sides
-from mlilt.data.demo import generate_demo
-from mlilt.grad_checkpoint import checkpoint_blocks
+from mlilt.modeling.factory import build_sides
+from mlilt.demo.data import generate_demo
+from mlilt.speed.grad_checkpoint import checkpoint_blocks
 from mlilt.packs import PACK_TENSORS
-from mlilt.text_cache import PrefixCache
-from mlilt.encode import TokenizedTexts
-from mlilt.towers import packed
-from mlilt.towers.packed import Packing, why_not_packable
-from mlilt import encode
-from mlilt.train import Split, TextSource, train
-from mlilt.train_config import TrainConfig
+from mlilt.speed.text_cache import PrefixCache
+from mlilt.modeling.encode import TokenizedTexts
+from mlilt.speed import packed
+from mlilt.speed.packed import Packing, why_not_packable
+from mlilt.modeling import encode
+from mlilt.training.trainer import Split, TextSource, train
+from mlilt.training.config import TrainConfig
 from test_training_speed_paths import _saved_bytes
 from tiny_towers import tiny_text_tower, tiny_xlmr_text_tower
 

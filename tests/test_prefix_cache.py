@@ -9,13 +9,13 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from mlilt.build import build_sides
-from mlilt.data.demo import generate_demo
-from mlilt.encode import TokenizedTexts
+from mlilt.modeling.factory import build_sides
+from mlilt.demo.data import generate_demo
+from mlilt.modeling.encode import TokenizedTexts
 from mlilt.packs import PACK_TENSORS
-from mlilt.text_cache import PrefixCache, cut_point, first_trainable_block
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.speed.text_cache import PrefixCache, cut_point, first_trainable_block
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mlilt.checkpoint import STATE_FILE, checkpoint_dir, find_checkpoint
+from mlilt.training.checkpoint import STATE_FILE, checkpoint_dir, find_checkpoint
 from mlilt.cli import app
-from mlilt.data.demo import generate_demo
+from mlilt.demo.data import generate_demo
 from mlilt.packs import PACK_CONFIG, PACK_TENSORS
 from mlilt.towers.registry import register_tower
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 from tiny_towers import tiny_text_tower, tiny_timm_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -173,12 +173,12 @@ def test_checkpoint_without_resume_is_replaced(data, tmp_path):
 
 def test_checkpoint_every_zero_writes_no_checkpoint_and_the_same_pack(data, tmp_path):
     """Studies of short runs turn checkpoints off; training itself is unchanged."""
-    import mlilt.checkpoint as checkpoints
+    import mlilt.training.checkpoint as checkpoints
 
     written = []
     original = checkpoints.save_checkpoint
     try:
-        import mlilt.train as training
+        import mlilt.training.trainer as training
         training.save_checkpoint = lambda *a, **k: written.append(a) or original(*a, **k)
         without = train(_config(data, tmp_path / "none", checkpoint_every=0))
         assert written == [] and not checkpoint_dir(tmp_path / "none").exists()

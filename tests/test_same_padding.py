@@ -11,7 +11,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mlilt.lean_backward import lean_convolutions
+from mlilt.speed.lean_backward import lean_convolutions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlilt.data.demo import generate_demo
+from mlilt.demo.data import generate_demo
 from mlilt.errors import TowerLoadError
 from mlilt.packs import PACK_TENSORS
 from mlilt.towers import registry
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 from tiny_towers import save_tiny_text_tower, tiny_text_tower
 
 pytestmark = pytest.mark.usefixtures("one_thread")

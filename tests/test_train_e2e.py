@@ -9,12 +9,12 @@ from typer.testing import CliRunner
 
 import mlilt
 from mlilt.cli import app
-from mlilt.data.demo import generate_demo
+from mlilt.demo.data import generate_demo
 from mlilt.data.pairs import read_pairs
 from mlilt.evaluation.pairs_eval import evaluate_pairs
 from mlilt.towers.registry import register_tower
-from mlilt.train import train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import train
+from mlilt.training.config import TrainConfig
 from tiny_towers import tiny_text_tower, tiny_timm_cnn
 
 runner = CliRunner()

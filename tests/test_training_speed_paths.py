@@ -21,16 +21,16 @@ from safetensors.torch import load_file
 from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
-from mlilt import encode
-from mlilt.bf16_weights import cache_bf16_weights
-from mlilt.build import build_sides
-from mlilt.data.demo import generate_demo
-from mlilt.encode import length_groups, run_in_length_groups
-from mlilt.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
-from mlilt.model import SideEncoder
+from mlilt.modeling import encode
+from mlilt.speed.bf16_weights import cache_bf16_weights
+from mlilt.modeling.factory import build_sides
+from mlilt.demo.data import generate_demo
+from mlilt.modeling.encode import length_groups, run_in_length_groups
+from mlilt.speed.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
+from mlilt.modeling.model import SideEncoder
 from mlilt.packs import PACK_TENSORS
-from mlilt.train import Split, TextSource, train
-from mlilt.train_config import TrainConfig
+from mlilt.training.trainer import Split, TextSource, train
+from mlilt.training.config import TrainConfig
 from tiny_towers import IMAGE_TOWERS, tiny_text_tower, tiny_timm_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -250,7 +250,7 @@ def test_transformer_towers_keep_their_layout(family):
 ALLOCATE_AND_FREE = """
 import resource
 import torch
-from mlilt.allocator import tune_allocator
+from mlilt.speed.allocator import tune_allocator
 print(tune_allocator())
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):  # what a training step does with its activations
@@ -285,7 +285,7 @@ def test_large_activations_fault_in_huge_pages_not_4k_pages():
 WHERE_A_20_MIB_TENSOR_LIVES = """
 import ctypes
 import torch
-from mlilt.allocator import tune_allocator
+from mlilt.speed.allocator import tune_allocator
 tune_allocator()
 libc = ctypes.CDLL("libc.so.6")
 
@@ -347,7 +347,7 @@ def test_frozen_weights_cast_once_give_autocasts_own_bf16_result():
 def test_steps_that_run_the_image_tower_hand_free_heap_memory_back_first(tiny_cnn_towers, tmp_path, monkeypatch):
     """Unanchored: before every step (its image activations are large); anchored: never
     (text-only steps would fault the same memory in again)."""
-    import mlilt.train as training
+    import mlilt.training.trainer as training
 
     generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
     calls = {"trims": 0, "steps": 0}

@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlilt
-from mlilt.build import build_sides
+from mlilt.modeling.factory import build_sides
 from mlilt.errors import PackError
-from mlilt.model import ContrastiveModel, image_side_id
+from mlilt.modeling.model import ContrastiveModel, image_side_id
 from mlilt.packs import INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, read_pack, save_pack
 from mlilt.towers.registry import TowerLoadError
 

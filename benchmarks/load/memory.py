@@ -8,7 +8,7 @@
 Training uses tiny random towers from ``tests/tiny_towers.py`` (the check is about the loop's
 memory and cost, not about learning) on generated demo pairs (32 px) with the image side
 frozen, so image features come from the feature cache. It runs through the public
-``mlilt.train.train`` with a console that marks each epoch's end (the "epoch N:" line the
+``mlilt.training.trainer.train`` with a console that marks each epoch's end (the "epoch N:" line the
 loop prints), so every epoch gets its own memory window.
 
 Memory is the process's resident set from ``/proc/self/status``: the peak of a window is
@@ -118,7 +118,7 @@ def register_tiny_towers() -> None:
 
 def demo_pairs(root: Path, pairs: int) -> Path:
     """``pairs`` demo caption lines (Swahili, 32 px) under ``root``, generated once and reused."""
-    from mlilt.data.demo import generate_demo
+    from mlilt.demo.data import generate_demo
 
     data = root / "data"
     scenes = int(pairs / 0.8) + 1  # the generator keeps 20% of scenes for its test split
@@ -146,8 +146,8 @@ def subset(train_file: Path, lines: int) -> Path:
 
 
 def train_tiny(data: Path, out: Path, epochs: int, holdout: int, console=None):
-    from mlilt.train import train
-    from mlilt.train_config import TrainConfig
+    from mlilt.training.trainer import train
+    from mlilt.training.config import TrainConfig
 
     config = TrainConfig(lang="sw", data=str(data), out=str(out), text_tower="tiny-bert-0",
                          image_tower="tiny-timm-cnn", method="ln@text", epochs=epochs, batch_size=256,
@@ -237,7 +237,7 @@ def with_second_captions(train_file: Path, images: int) -> Path:
     The second caption is the demo generator's caption of the same scene drawn with another
     seed (another frame or shape order; identical now and then, which counts as a duplicate).
     """
-    from mlilt.data.demo import caption_scene
+    from mlilt.demo.data import caption_scene
 
     scenes = {}
     for line in (train_file.parents[1] / "scenes.jsonl").read_text().splitlines():

@@ -69,7 +69,7 @@ def one_epoch_config(pairs_file, work: Path, method: str, anchor: str = "", **op
     """The ``TrainConfig`` the step benchmarks' children train with: one epoch of demo pairs
     (2 held out), batch 32 unless given, no checkpoints, a pack folder of its own under ``work``.
     ``mlilt`` is imported here, so a child that put another checkout first on its path gets it."""
-    from mlilt.train_config import TrainConfig
+    from mlilt.training.config import TrainConfig
 
     out = Path(tempfile.mkdtemp(dir=work)) / "pack"
     settings = {"epochs": 1, "batch_size": 32, "holdout": 2, "checkpoint_every": 0, **options}
@@ -141,7 +141,7 @@ def run_child(script: str, args: list[str], env: dict | None = None) -> dict:
 
 def demo_data(root: Path, langs: list[str], n: int) -> Path:
     """Procedural demo pairs (``mlilt data demo``) under ``root``, reused when already there."""
-    from mlilt.data.demo import generate_demo
+    from mlilt.demo.data import generate_demo
 
     if not (root / langs[0] / "train.jsonl").is_file():
         generate_demo(root, langs, n=n)

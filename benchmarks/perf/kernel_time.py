@@ -4,7 +4,7 @@ allocator setting (and, optionally, per checkout of mlilt).
     python benchmarks/perf/kernel_time.py [--method ln] [--anchor PACK] [--settings 16M,4M,heap]
                                           [--trees PATH,...] [--pairs 500] [--repeats 2]
 
-Each (checkout, setting) runs in its own process: one epoch of ``mlilt.train.train`` on the
+Each (checkout, setting) runs in its own process: one epoch of ``mlilt.training.trainer.train`` on the
 demo pairs, batch 32, one torch thread; each step's user and system CPU seconds and minor
 page faults (``getrusage``) are taken, and the median after the first two steps is reported
 with the process's peak resident set (VmHWM). The settings run in alternating order over
@@ -39,12 +39,12 @@ def run_setting(args) -> dict:
     sys.path.insert(0, args.tree)  # this checkout's mlilt, before the installed one
     if args.setting != "heap":
         os.environ["MLILT_MALLOC"] = "huge-pages"  # train() then leaves the threshold set here alone
-    from mlilt.allocator import fix_mmap_threshold, tune_allocator
+    from mlilt.speed.allocator import fix_mmap_threshold, tune_allocator
     tune_allocator()
     if args.setting != "heap":
         fix_mmap_threshold(parse_size(args.setting.split("/")[0]))
     import mlilt
-    import mlilt.train as training
+    import mlilt.training.trainer as training
 
     step, deltas = training._step, []
 

@@ -54,7 +54,7 @@ def cpu_seconds_in_turn(runs: list, rounds) -> list[float]:
 
 def image_side(layout):
     import torch
-    from mlilt.build import build_sides
+    from mlilt.modeling.factory import build_sides
     from mlilt.towers.registry import load_image_tower
 
     tower = load_image_tower("effnet-lite0")
@@ -104,7 +104,7 @@ def kept_rows(args) -> list[list[str]]:
     """MB of distinct tensors autograd keeps (saved-tensor hooks see every one, checkpointed or
     not); for the plain run also by the backward node that keeps them."""
     import torch
-    from mlilt.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
+    from mlilt.speed.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
 
     pixels = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     base = image_side("channels_last")
@@ -164,8 +164,8 @@ def text_rows(args) -> list[list[str]]:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from mlilt.build import build_sides
-    from mlilt.encode import TokenizedTexts, run_in_length_groups
+    from mlilt.modeling.factory import build_sides
+    from mlilt.modeling.encode import TokenizedTexts, run_in_length_groups
     from mlilt.towers.registry import load_text_tower
 
     work = scratch_dir("mlilt-levers-")
@@ -228,7 +228,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     import torch
     torch.set_num_threads(1)
-    from mlilt.allocator import tune_allocator
+    from mlilt.speed.allocator import tune_allocator
     tune_allocator()  # as the mlilt command does
     print(f"machine: {machine()}; 1 torch thread; batch {args.batch_size}; CPU s, median of {args.repeats}\n")
     if "image" in parts:

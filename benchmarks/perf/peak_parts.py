@@ -3,7 +3,7 @@
     python benchmarks/perf/peak_parts.py [--method ln] [--anchor PACK] [--pairs 200] [--live]
 
 One process, one torch thread, the offline towers, demo pairs, batch 32, one epoch of
-``mlilt.train.train`` as ``mlilt train`` runs it. Prints the resident set (anonymous and
+``mlilt.training.trainer.train`` as ``mlilt train`` runs it. Prints the resident set (anonymous and
 file-backed: weights memory-mapped from their file are file-backed) after the imports, after
 each tower is loaded, once the model is built (fingerprints, trained copies) and at the start
 of the first step; then, per step, the bytes autograd keeps for the backward pass of each side
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200, help="demo scenes generated (80%% train)")
     parser.add_argument("--live", action="store_true", help="resident set = live memory (slow; see above)")
     args = parser.parse_args()
-    from mlilt.allocator import OPT_OUT, fix_mmap_threshold, tune_allocator
+    from mlilt.speed.allocator import OPT_OUT, fix_mmap_threshold, tune_allocator
     if args.live:
         os.environ[OPT_OUT] = "huge-pages"  # train() then leaves the threshold set here alone
         fix_mmap_threshold(128 * 1024)
@@ -44,7 +44,7 @@ def main() -> None:
     stages = [["python and imports"] + resident()]
     import torch
     torch.set_num_threads(1)
-    import mlilt.train as training
+    import mlilt.training.trainer as training
     from mlilt.towers.registry import load_image_tower, load_text_tower
 
     work = scratch_dir("mlilt-peak-")

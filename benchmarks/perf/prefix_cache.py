@@ -9,7 +9,7 @@ With the prefix cache the first epoch runs the whole text tower once per caption
 10 blocks without gradient) and later epochs run only the top 2 blocks. Each setting trains
 the same demo pairs with the same seed (``--no-cache-text`` is the baseline); settings
 alternate ``--repeats`` times so machine load drifts hit both. A step's time is measured
-around ``mlilt.train._step`` (embedding, loss, backward, optimizer); the table gives the
+around ``mlilt.training.trainer._step`` (embedding, loss, backward, optimizer); the table gives the
 median over epoch 1 and over epochs 2+, and the memory the cache reported.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-import mlilt.train as training
-from mlilt.data.demo import generate_demo
-from mlilt.train_config import TrainConfig
+import mlilt.training.trainer as training
+from mlilt.demo.data import generate_demo
+from mlilt.training.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import scratch_dir  # noqa: E402

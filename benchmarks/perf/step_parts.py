@@ -5,7 +5,7 @@ then wrong, and no pack of such a run means anything).
     python benchmarks/perf/step_parts.py [--method ln+adapter] [--anchor PACK]
                                          [--leave-out attention,gelu] [--pairs 400] [--repeats 2]
 
-Each variant runs in its own process: one epoch of ``mlilt.train.train`` on the demo pairs,
+Each variant runs in its own process: one epoch of ``mlilt.training.trainer.train`` on the demo pairs,
 batch 32, one torch thread. Per training step it takes the CPU seconds (``process_time``) of
 the whole step, of the forward passes (``TextSource.embed``, ``ImageSource.embed``) and of the
 backward pass (``torch.autograd.backward``); "rest" is the loss, gradient clipping and the
@@ -41,7 +41,7 @@ def leave_out(part: str) -> None:
     import torch.nn.functional as F
 
     if part == "attention":
-        import mlilt.towers.packed as packed
+        import mlilt.speed.packed as packed
         from mlilt.towers.text import HFTextTower
 
         packed._attend = lambda packing, projected, heads, size: projected[0] * 1.0
@@ -56,7 +56,7 @@ def run_variant(args) -> dict:
     """Child: one epoch with ``args.variant`` left out ("none": the whole step)."""
     import torch
 
-    import mlilt.train as training
+    import mlilt.training.trainer as training
 
     if args.variant != "none":
         leave_out(args.variant)

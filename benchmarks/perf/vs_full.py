@@ -5,13 +5,13 @@
 
 A method may carry training options after a slash: ``ln/ckpt`` (``--grad-checkpointing``),
 ``ln/norms`` (``--recompute-norms``), ``ln+adapter/bf16`` (``--bf16``), ``ln/ckpt/bf16``, and
-``ln+adapter/groups:N`` (a caption length group priced at N token positions, ``mlilt.encode``;
+``ln+adapter/groups:N`` (a caption length group priced at N token positions, ``mlilt.modeling.encode``;
 ``groups:off``: every batch runs as one, padded to its longest caption).
 
 Issue 6, target 2: ``ln``, ``ln+adapter`` and ``lora`` steps should take at most 0.5x the
 time of a ``full`` step and at most 0.4x its peak memory. Same towers (the offline pair),
 same demo pairs, batch 32. Each method runs in its own process: one epoch of
-``mlilt.train.train`` (checkpoints off), each call of its step (``mlilt.train._step``: forward,
+``mlilt.training.trainer.train`` (checkpoints off), each call of its step (``mlilt.training.trainer._step``: forward,
 loss, backward, clip, AdamW step; captions are tokenized once before the first; images are decoded and preprocessed inside the step
 whenever the image tower trains, else their tower features come from the cache) timed. Methods run unanchored (as ``mlilt train --method M``) and,
 with ``--anchor``, anchored on a pack (``--method M --anchor PACK``: image side frozen).
@@ -39,10 +39,10 @@ FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing", "norms": "recompute_norms
 
 
 def run_method(args) -> dict:
-    """Child: one epoch of ``mlilt.train.train`` with this method; each step timed, memory taken."""
-    from mlilt.allocator import tune_allocator
+    """Child: one epoch of ``mlilt.training.trainer.train`` with this method; each step timed, memory taken."""
+    from mlilt.speed.allocator import tune_allocator
     tune_allocator()  # as the mlilt command does, before any tensor
-    import mlilt.train as training
+    import mlilt.training.trainer as training
     from mlilt.towers.registry import load_image_tower, load_text_tower
 
     method, *flags = args.method.split("/")
@@ -69,18 +69,18 @@ def run_method(args) -> dict:
 
 
 def set_group_call_tokens(flag: str) -> bool:
-    """``groups:N`` prices a caption length group at N token positions (``mlilt.encode``);
+    """``groups:N`` prices a caption length group at N token positions (``mlilt.modeling.encode``);
     ``groups:off`` runs every batch as one. Returns whether ``flag`` was such an option."""
     if not flag.startswith("groups:"):
         return False
-    from mlilt import encode
+    from mlilt.modeling import encode
     value = flag.split(":", 1)[1]
     encode.GROUP_CALL_TOKENS = 10**9 if value == "off" else int(value)
     return True
 
 
 def timed_training(training) -> tuple[list[float], list[float], dict]:
-    """Wrap mlilt.train's step and image-feature pass with clocks; what they saw goes in ``seen``."""
+    """Wrap mlilt.training.trainer's step and image-feature pass with clocks; what they saw goes in ``seen``."""
     times: list[float] = []
     one_off: list[float] = []
     seen: dict = {"tokens": [], "cached": None, "trainable": 0, "cpu_s": []}
@@ -107,7 +107,7 @@ def timed_training(training) -> tuple[list[float], list[float], dict]:
 
 def token_positions(lengths: list[int]) -> tuple[int, int, int]:
     """Caption token positions a step would run in length groups, in one padded batch, and its real tokens."""
-    from mlilt.encode import length_groups
+    from mlilt.modeling.encode import length_groups
 
     grouped = sum(len(group) * max(lengths[i] for i in group) for group in length_groups(lengths))
     return grouped, len(lengths) * max(lengths), sum(lengths)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, demo_data, emit, machine, median, run_child, scratch_dir, steady, table, turn_order  # noqa: E402
-from mlilt.allocator import MMAP_THRESHOLD, TORCH_SETTING  # noqa: E402
+from mlilt.speed.allocator import MMAP_THRESHOLD, TORCH_SETTING  # noqa: E402
 
 MODEL_NAME = "mlilt-offline-pair"
 OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}  # --precision here -> open_clip's own
@@ -151,11 +151,11 @@ def cpu_seconds() -> float:
 
 
 def run_mlilt(args) -> dict:
-    """Child: mlilt.train.train on the same pairs; each optimizer step timed end to end."""
-    from mlilt.allocator import tune_allocator
+    """Child: mlilt.training.trainer.train on the same pairs; each optimizer step timed end to end."""
+    from mlilt.speed.allocator import tune_allocator
     tune_allocator()  # as the mlilt command does, before any tensor
-    import mlilt.train as training
-    from mlilt.train_config import TrainConfig
+    import mlilt.training.trainer as training
+    from mlilt.training.config import TrainConfig
 
     spans: list[tuple[float, float]] = []
     cpu: list[float] = []
@@ -216,7 +216,7 @@ COMPARISONS = {  # name -> [(mlilt run, open_clip run), ...]
 }
 
 
-# What mlilt.allocator.tune_allocator sets in-process, as environment settings for a process
+# What mlilt.speed.allocator.tune_allocator sets in-process, as environment settings for a process
 # that does not call it: PyTorch's huge pages, and glibc's mmap threshold (an environment
 # setting, read at start, that also stops glibc from moving it).
 OPEN_CLIP_ALLOCATOR = {TORCH_SETTING: "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}

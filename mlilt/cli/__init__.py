@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from mlilt.allocator import tune_allocator
+from mlilt.speed.allocator import tune_allocator
 from mlilt.cli import data, packs, towers
 from mlilt.cli.bench import bench_command
 from mlilt.cli.demo import demo_command

@@ -26,7 +26,7 @@ def bench_command(
                                                                     "cells; train nothing.")] = False,
 ):
     """Train and evaluate every cell of a study; skip finished cells; write tables, plots and a report."""
-    from mlilt.bench import default_out, load_study
+    from mlilt.studies import default_out, load_study
     from mlilt.errors import MliltError, UsageError
 
     study = load_study(config)
@@ -38,7 +38,7 @@ def bench_command(
     if cell:
         return _one_cell(study, out, cell, force)
     if not report_only:
-        from mlilt.bench.runner import run_study
+        from mlilt.studies.runner import run_study
 
         run = run_study(study, out, jobs=jobs, force=force, log=console.print)
     report = _report(study, out)
@@ -49,8 +49,8 @@ def bench_command(
 
 
 def _one_cell(study, out: Path, cell_id: str, force: bool) -> None:
-    from mlilt.bench.cell import result_path, run_cell
-    from mlilt.bench.runner import is_done, prepare_data
+    from mlilt.studies.cell import result_path, run_cell
+    from mlilt.studies.runner import is_done, prepare_data
 
     chosen = study.cell(cell_id)
     if is_done(study, out, chosen) and not force:
@@ -62,14 +62,14 @@ def _one_cell(study, out: Path, cell_id: str, force: bool) -> None:
 
 
 def _list(study, out: Path) -> None:
-    from mlilt.bench.runner import is_done
+    from mlilt.studies.runner import is_done
 
     for item in study.cells():
         console.print(f"{'done   ' if is_done(study, out, item) else 'pending'}  {item.id}", highlight=False)
 
 
 def _report(study, out: Path) -> Path:
-    from mlilt.bench.report import write_report
+    from mlilt.studies.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     return write_report(study, out)

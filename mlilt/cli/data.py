@@ -25,7 +25,7 @@ def demo_data(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing folder.")] = False,
 ):
     """Generate procedural demo data: shapes with compositional captions in several languages."""
-    from mlilt.data.demo import generate_demo
+    from mlilt.demo.data import generate_demo
 
     summary = generate_demo(out, [code.strip() for code in langs.split(",") if code.strip()], n=n, seed=seed,
                             test_fraction=test_fraction, overwrite=overwrite)
@@ -38,6 +38,6 @@ def demo_data(
 @app.command("languages")
 def demo_languages():
     """List the languages the demo generator writes."""
-    from mlilt.data.demo import demo_languages as languages
+    from mlilt.demo.data import demo_languages as languages
 
     console.print(" ".join(languages()))

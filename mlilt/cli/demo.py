@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from mlilt.cli.common import console, user_errors
-from mlilt.demo_run import DEMO_EPOCHS, DEMO_SCENES
+from mlilt.demo.run import DEMO_EPOCHS, DEMO_SCENES
 
 METRICS = ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
            "text_retrieval_recall@5", "mean_recall")
@@ -22,7 +22,7 @@ def demo_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a pack from an earlier demo.")] = False,
 ):
     """Generate demo data, train a pack offline with the default method, compare with the untrained model."""
-    from mlilt.demo_run import run_demo  # noqa: E402 (heavy imports only when the command runs)
+    from mlilt.demo.run import run_demo  # noqa: E402 (heavy imports only when the command runs)
 
     result = run_demo(out, lang=lang, n=n, epochs=epochs, overwrite=overwrite, console=console)
     table = Table(title=f"held-out demo retrieval, {lang} ({result.test_pairs} captions), recall %")

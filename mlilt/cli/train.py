@@ -78,8 +78,8 @@ def train_command(
     Several GPUs or nodes: torchrun --nproc_per_node N -m mlilt train ... (--batch-size stays the
     global batch; only rank 0 writes).
     """
-    from mlilt.train import train
-    from mlilt.train_config import TrainConfig
+    from mlilt.training.trainer import train
+    from mlilt.training.config import TrainConfig
 
     config = TrainConfig(lang=lang, data=data, out=out, method=method, anchor=anchor, text_tower=text_tower,
                          image_tower=image_tower, epochs=epochs, batch_size=batch_size, lr=lr,

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlilt import atomic
+from mlilt.files import atomic
 from mlilt.data.images import ImageLike, image_id, load_image
-from mlilt.paths import cache_dir
+from mlilt.files.paths import cache_dir
 from mlilt.towers.image import ImageTower
 
 

@@ -150,7 +150,7 @@ def _load(benchmark: str, root, lang: str, data) -> _Benchmark:
         raise UsageError(f"unknown benchmark {benchmark!r}; choose one of: {', '.join(LEAK_BENCHMARKS)}")
     if root is None:
         raise UsageError(f"benchmark {benchmark} needs root= (the folder holding it)")
-    from mlilt.evaluation.benchmarks import load_benchmark
+    from mlilt.datasets.benchmarks import load_benchmark
 
     rs = load_benchmark(benchmark, root, [lang], captions="all")[lang]
     return _Benchmark(list(rs.captions), list(rs.images), list(rs.image_keys))
@@ -267,7 +267,7 @@ def find_leaks(train: PairSet, benchmark: str, root: str | os.PathLike | None, l
     """Training pairs that leak ``benchmark``'s ``lang`` test captions or images.
 
     ``benchmark``: xm3600, xtd10, multi30k (``root`` holds it, as for
-    :func:`~mlilt.evaluation.benchmarks.load_benchmark`; every caption is checked), ``demo``
+    :func:`~mlilt.datasets.benchmarks.load_benchmark`; every caption is checked), ``demo``
     (``root`` is a ``mlilt data demo`` folder; its ``<lang>/test.jsonl`` is the benchmark) or
     ``custom`` (``data``, or else ``root``, is a pairs file). Every training caption is checked,
     whatever its language, and every training image.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from mlilt.data.pairs import PairSet
-from mlilt.model import SideEncoder
+from mlilt.modeling.model import SideEncoder
 
 
 def evaluate_pairs(text: SideEncoder, image: SideEncoder, pairs: PairSet, lang: str = "") -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlilt.model import SideEncoder
+from mlilt.modeling.model import SideEncoder
 from mlilt.towers.base import Tower
 from mlilt.towers.registry import create_open_clip, open_clip_visual_tower
 

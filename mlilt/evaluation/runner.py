@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from mlilt import atomic
+from mlilt.files import atomic
 from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id
-from mlilt.encode import encode_texts
+from mlilt.modeling.encode import encode_texts
 from mlilt.errors import UsageError
 from mlilt.evaluation.retrieval import retrieval_metrics
-from mlilt.model import SideEncoder
+from mlilt.modeling.model import SideEncoder
 
 
 @dataclass

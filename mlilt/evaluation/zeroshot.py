@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from mlilt.data.images import ImageRef
-from mlilt.encode import encode_texts
+from mlilt.modeling.encode import encode_texts
 from mlilt.errors import DataError
-from mlilt.model import SideEncoder
+from mlilt.modeling.model import SideEncoder
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 

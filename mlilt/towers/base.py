@@ -9,7 +9,7 @@ import json
 import torch
 from torch import nn
 
-from mlilt.towers.mapped_bytes import file_mappings, tensor_bytes
+from mlilt.speed.mapped_bytes import file_mappings, tensor_bytes
 
 
 class CallCounter:

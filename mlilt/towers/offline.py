@@ -38,8 +38,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mlilt.atomic import staged_dir, write_text
-from mlilt.paths import cache_dir
+from mlilt.files.atomic import staged_dir, write_text
+from mlilt.files.paths import cache_dir
 
 ME5_QUERY_PREFIX = "query: "
 ME5_PASSAGE_PREFIX = "passage: "

@@ -13,7 +13,7 @@ import torch
 
 from mlilt.errors import TowerLoadError
 from mlilt.towers.base import Tower
-from mlilt.towers.packed import disagreement, packed_last_hidden, why_not_packable
+from mlilt.speed.packed import disagreement, packed_last_hidden, why_not_packable
 
 # Config keys that name where or by which library version a model was saved: they do not
 # change what it computes, so they stay out of the fingerprint.

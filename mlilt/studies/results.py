@@ -10,8 +10,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlilt.bench.cell import current_result
-from mlilt.bench.config import StudyConfig
+from mlilt.studies.cell import current_result
+from mlilt.studies.config import StudyConfig
 
 METRICS = ("image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
            "text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10", "mean_recall")

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
-from mlilt.atomic import staged_dir
+from mlilt.files.atomic import staged_dir
 from mlilt.errors import UsageError
 
 GENERATOR_VERSION = 1
@@ -510,7 +510,7 @@ def generate_demo(
             files[lang] = {"train": f"{lang}/train.jsonl", "test": f"{lang}/test.jsonl"}
 
         summary = {
-            "generator": "mlilt.data.demo",
+            "generator": "mlilt.demo.data",
             "version": GENERATOR_VERSION,
             "langs": langs,
             "n": n,

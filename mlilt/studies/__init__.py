@@ -1,5 +1,5 @@
 """Studies: methods × languages × data budgets × seeds, each cell trained and evaluated, then a report."""
-from mlilt.bench.config import Cell, StudyConfig, load_study
+from mlilt.studies.config import Cell, StudyConfig, load_study
 
 __all__ = ["Cell", "StudyConfig", "load_study", "default_out"]
 

@@ -1,5 +1,5 @@
 """Fetch the public retrieval benchmarks and lay them out the way
-:mod:`mlilt.evaluation.benchmarks` reads them.
+:mod:`mlilt.datasets.benchmarks` reads them.
 
 ``xm3600`` (Crossmodal-3600) is fetched whole from its official locations: ``captions.zip``
 (one ``captions.jsonl``) and ``images.tgz`` (3,600 ``<key>.jpg``). Both are unpacked into
@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from mlilt.atomic import staged_dir, write_bytes
+from mlilt.files.atomic import staged_dir, write_bytes
 from mlilt.errors import DataError, MliltError, UsageError
 
 XM3600_IMAGES = 3600

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from mlilt import atomic
-from mlilt.bench.config import Cell, StudyConfig
+from mlilt.files import atomic
+from mlilt.studies.config import Cell, StudyConfig
 from mlilt.errors import DataError
 
 RESULT_VERSION = 1
@@ -101,8 +101,8 @@ def run_cell(study: StudyConfig, out: Path, cell: Cell, console=None) -> dict:
 
 
 def _train(study: StudyConfig, cell: Cell, data: Path, pack_out: Path, console) -> dict:
-    from mlilt.train import train
-    from mlilt.train_config import TrainConfig
+    from mlilt.training.trainer import train
+    from mlilt.training.config import TrainConfig
 
     settings = study.train_settings(cell.method)
     if "steps" in settings:
@@ -129,7 +129,7 @@ def _train(study: StudyConfig, cell: Cell, data: Path, pack_out: Path, console) 
 def epochs_for_steps(steps: int, budget: int, settings: dict) -> int:
     """Epochs that give at least ``steps`` optimizer steps on this budget: every budget gets the
     same compute, so small budgets are not also starved of steps."""
-    from mlilt.train_config import TrainConfig
+    from mlilt.training.config import TrainConfig
 
     holdout = settings.get("holdout", TrainConfig.holdout)
     train_pairs = budget - (holdout if holdout >= 1 else round(budget * holdout))

@@ -10,7 +10,7 @@ A checkpoint is everything a run needs to continue exactly where it stopped:
   count of skipped non-finite batches, the optimizer's param groups and the scheduler's state.
 
 No pickle: tensors via safetensors, the rest as JSON. The folder is replaced as a whole via
-``mlilt.atomic.staged_dir``, so a kill mid-write leaves the previous checkpoint intact.
+``mlilt.files.atomic.staged_dir``, so a kill mid-write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from mlilt import atomic
+from mlilt.files import atomic
 from mlilt.errors import MliltError, UsageError
 
 FORMAT_VERSION = 1

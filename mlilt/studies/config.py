@@ -205,7 +205,7 @@ def _eval_spec(raw, where: str) -> EvalSpec:
 
 
 def _train_settings(raw, where: str) -> dict:
-    from mlilt.train_config import TrainConfig
+    from mlilt.training.config import TrainConfig
 
     raw = _mapping(raw, where)
     allowed = ({f.name for f in dataclasses.fields(TrainConfig)} - _CELL_OWNED) | {"steps"}

@@ -88,7 +88,7 @@ def _locate(root: Path, name: str, marker: str) -> Path:
             return path.parent
     looked = "\n  ".join(str(p) for p in candidates)
     raise DataError(f"{name}: no {marker} under {root}; expected the layout "
-                    f"<root>/{name}/{marker} (see mlilt.evaluation.benchmarks). Looked for:\n  {looked}")
+                    f"<root>/{name}/{marker} (see mlilt.datasets.benchmarks). Looked for:\n  {looked}")
 
 
 def _image_dir(folder: Path, names: Sequence[str]) -> Path:

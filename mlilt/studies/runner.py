@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlilt.bench.cell import current_result, demo_root
-from mlilt.bench.config import Cell, StudyConfig
+from mlilt.studies.cell import current_result, demo_root
+from mlilt.studies.config import Cell, StudyConfig
 from mlilt.errors import DataError, UsageError
 
 
@@ -32,7 +32,7 @@ def prepare_data(study: StudyConfig, out: Path) -> None:
     """Generate the demo data once per study folder (every cell and every rerun shares it)."""
     if study.data.demo is None:
         return
-    from mlilt.data.demo import generate_demo
+    from mlilt.demo.data import generate_demo
 
     root, wanted = demo_root(out), _demo_args(study)
     marker = root / "demo.json"

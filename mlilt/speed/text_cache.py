@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlilt.encode import TokenizedTexts, run_in_length_groups
+from mlilt.modeling.encode import TokenizedTexts, run_in_length_groups
 from mlilt.towers.layout import find_layout
-from mlilt.towers.packed import Packing, disagreement, run_packed_blocks
+from mlilt.speed.packed import Packing, disagreement, run_packed_blocks
 from mlilt.towers.text import HFTextTower, pool
 
 

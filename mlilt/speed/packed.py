@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlilt.grad_checkpoint import checkpointed, is_checkpointed
+from mlilt.speed.grad_checkpoint import checkpointed, is_checkpointed
 
 SELF_CHECK_TOLERANCE = 1e-4  # relative to the features' largest value; float noise is ~1e-6
 # Captions per attention call on a CPU. Attention's cost grows with the square of the padded

@@ -3,8 +3,8 @@
 The loop is a handful of small functions. Frozen means cached: when no image-tower weight
 trains, image features come from the feature cache and the image tower never runs after
 the first pass; when only the top text blocks train, the hidden states below them are kept
-per caption (``mlilt.text_cache``). Under ``torchrun`` every process embeds its slice of
-each global batch and the loss sees the whole batch (``mlilt.distributed``); only rank 0
+per caption (``mlilt.speed.text_cache``). Under ``torchrun`` every process embeds its slice of
+each global batch and the loss sees the whole batch (``mlilt.training.distributed``); only rank 0
 writes checkpoints and the pack.
 """
 from __future__ import annotations
@@ -19,29 +19,29 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mlilt import distributed
-from mlilt.allocator import return_free_memory, tune_allocator
+from mlilt.training import distributed
+from mlilt.speed.allocator import return_free_memory, tune_allocator
 from mlilt.api import image_side_of
-from mlilt.bf16_weights import cache_bf16_weights
-from mlilt.build import build_sides
-from mlilt.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
+from mlilt.speed.bf16_weights import cache_bf16_weights
+from mlilt.modeling.factory import build_sides
+from mlilt.training.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
                               remove_checkpoint, save_checkpoint)
 from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id, load_image
 from mlilt.data.pairs import PairSet, read_pairs
-from mlilt.distributed import Ranks
-from mlilt.encode import TokenizedTexts, length_sorted_batches, run_in_length_groups
+from mlilt.training.distributed import Ranks
+from mlilt.modeling.encode import TokenizedTexts, length_sorted_batches, run_in_length_groups
 from mlilt.errors import DataError, UsageError
 from mlilt.evaluation.retrieval import retrieval_metrics
-from mlilt.grad_checkpoint import checkpoint_blocks
-from mlilt.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
+from mlilt.speed.grad_checkpoint import checkpoint_blocks
+from mlilt.speed.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
 from mlilt.methods import MethodReport
-from mlilt.model import ContrastiveModel, SideEncoder, contrastive_loss, image_side_id
+from mlilt.modeling.model import ContrastiveModel, SideEncoder, contrastive_loss, image_side_id
 from mlilt.packs import PACK_CONFIG, Pack, PackConfig, read_pack, save_pack
-from mlilt.progress import TrainProgress
-from mlilt.text_cache import PrefixCache, cut_point
+from mlilt.training.progress import TrainProgress
+from mlilt.speed.text_cache import PrefixCache, cut_point
 from mlilt.towers.registry import load_image_tower, load_text_tower
-from mlilt.train_config import TrainConfig
+from mlilt.training.config import TrainConfig
 
 
 @dataclass
@@ -79,7 +79,7 @@ class TrainResult:
 
 def train(config: TrainConfig, console=None) -> TrainResult:
     """Train one pack; under ``torchrun`` every process calls this and rank 0 writes the pack.
-    Tunes the memory allocator for training first (``mlilt.allocator``)."""
+    Tunes the memory allocator for training first (``mlilt.speed.allocator``)."""
     tune_allocator()
     ranks = distributed.setup()
     try:

@@ -28,11 +28,11 @@ DEMO_BATCH = 32
 def run_demo(out: str | Path, lang: str = "sw", n: int = DEMO_SCENES, epochs: int = DEMO_EPOCHS,
              batch_size: int = DEMO_BATCH, overwrite: bool = False, console=None) -> DemoResult:
     import mlilt
-    from mlilt.data.demo import generate_demo
+    from mlilt.demo.data import generate_demo
     from mlilt.data.pairs import read_pairs
     from mlilt.evaluation.pairs_eval import evaluate_pairs
-    from mlilt.train import train
-    from mlilt.train_config import TrainConfig
+    from mlilt.training.trainer import train
+    from mlilt.training.config import TrainConfig
 
     started = time.perf_counter()
     out = Path(out)
@@ -51,7 +51,7 @@ def run_demo(out: str | Path, lang: str = "sw", n: int = DEMO_SCENES, epochs: in
 
 def _untrained(config, test) -> dict:
     """The same towers, method and initialisation, before any step: the chance baseline."""
-    from mlilt.build import build_sides
+    from mlilt.modeling.factory import build_sides
     from mlilt.evaluation.pairs_eval import evaluate_pairs
     from mlilt.towers.registry import load_image_tower, load_text_tower
 

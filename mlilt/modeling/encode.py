@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from mlilt.model import SideEncoder
+from mlilt.modeling.model import SideEncoder
 
 
 def length_sorted_batches(texts: list[str], batch_size: int, lengths: list[int] | None = None) -> list[list[int]]:

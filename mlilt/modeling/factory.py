@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mlilt.methods import MethodReport, apply_methods
-from mlilt.model import SideEncoder
+from mlilt.modeling.model import SideEncoder
 from mlilt.towers.base import Tower
 
 

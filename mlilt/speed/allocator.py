@@ -33,7 +33,7 @@ each training step that runs the image tower: such a step allocates GBs and take
 trim costs no measurable time there, and it took 270 MB off an ``ln`` peak
 (``benchmarks/perf/kernel_time.py``, benchmarks/perf/README.md).
 
-Set by the ``mlilt`` command and by ``mlilt.train.train``. ``MLILT_MALLOC=default`` leaves both
+Set by the ``mlilt`` command and by ``mlilt.training.trainer.train``. ``MLILT_MALLOC=default`` leaves both
 alone; ``MLILT_MALLOC=huge-pages`` sets huge pages only. A user's own ``THP_MEM_ALLOC_ENABLE``
 wins, and a kernel with transparent huge pages off ignores it.
 """

@@ -6,16 +6,16 @@ import json
 import shlex
 from pathlib import Path
 
-from mlilt import atomic
-from mlilt.bench.config import StudyConfig
-from mlilt.bench.results import Stat, group, load_histories, load_rows, own_language, rows_csv, stat
+from mlilt.files import atomic
+from mlilt.studies.config import StudyConfig
+from mlilt.studies.results import Stat, group, load_histories, load_rows, own_language, rows_csv, stat
 
 MR = "mean_recall"
 
 
 def write_report(study: StudyConfig, out: Path) -> Path:
     """Write results.csv, results.json, the plots and report.md into ``out``; return the report path."""
-    from mlilt.bench.plots import write_plots
+    from mlilt.studies.plots import write_plots
 
     rows = load_rows(study, out)
     atomic.write_text(out / "results.csv", rows_csv(rows))

@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-from mlilt.grad_checkpoint import checkpointed
+from mlilt.speed.grad_checkpoint import checkpointed
 
 
 def lean_convolutions(tower: nn.Module) -> int:

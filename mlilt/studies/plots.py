@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlilt import atomic
-from mlilt.bench.config import StudyConfig
-from mlilt.bench.results import group, own_language
+from mlilt.files import atomic
+from mlilt.studies.config import StudyConfig
+from mlilt.studies.results import group, own_language
 
 MR = "mean_recall"
 
