@@ -12,13 +12,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mlilt.modeling.factory import build_sides, load_state_strict
+from mlilt.modeling.factory import image_side_of, text_side_of
 from mlilt.data.feature_cache import tower_features
 from mlilt.modeling.encode import encode_texts
 from mlilt.errors import PackError, UsageError
 from mlilt.modeling.model import SideEncoder
-from mlilt.packs import Pack, PackConfig, check_tower, read_pack
-from mlilt.towers.registry import load_image_tower, load_text_tower
+from mlilt.packs import Pack, PackConfig, read_pack
 
 DEFAULT_TEMPLATES = ("{}",)
 
@@ -109,23 +108,3 @@ def _check_same_image_space(packs: list[Pack]) -> None:
             raise PackError(f"{pack.path} and {first.path} live in different image spaces "
                             f"(image sides {pack.config.image_side_id[:12]} vs {first.config.image_side_id[:12]}); "
                             f"load them separately, or train them against the same --anchor")
-
-
-def image_side_of(pack: Pack, tower=None) -> SideEncoder:
-    """The image side a pack defines, rebuilt on its image tower and frozen."""
-    tower = tower or load_image_tower(pack.config.towers["image"]["spec"])
-    check_tower(pack, "image", tower.fingerprint(), tower.spec)
-    sides, _ = build_sides({"image": tower}, pack.config.image_method, pack.config.embed_dim, strict=False)
-    load_state_strict(sides["image"], pack.side_tensors("image"), f"{pack.path} (image side)")
-    sides["image"].freeze()
-    return sides["image"]
-
-
-def text_side_of(pack: Pack) -> SideEncoder:
-    info = pack.config.towers["text"]
-    tower = load_text_tower(info["spec"], **info.get("options", {}))
-    check_tower(pack, "text", tower.fingerprint(), info["spec"])
-    sides, _ = build_sides({"text": tower}, pack.config.method, pack.config.embed_dim, strict=False)
-    load_state_strict(sides["text"], pack.side_tensors("text"), f"{pack.path} (text side)")
-    sides["text"].freeze()
-    return sides["text"]

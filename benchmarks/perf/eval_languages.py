@@ -87,7 +87,7 @@ def run_clip_benchmark_style(args) -> dict:
     """Child: each language on its own, as CLIP_benchmark evaluates a model."""
     import torch
 
-    from mlilt.api import image_side_of, text_side_of
+    from mlilt.modeling.factory import image_side_of, text_side_of
     from mlilt.datasets.benchmarks import XM3600_LANGUAGES, load_benchmark
     from mlilt.evaluation.retrieval import retrieval_metrics
     from mlilt.packs import read_pack
@@ -114,7 +114,7 @@ def run_clip_benchmark_style(args) -> dict:
 
 def _load_towers(pack_path: str):
     """Load the pack's towers before the clock starts (both sides); their call counters."""
-    from mlilt.api import image_side_of, text_side_of
+    from mlilt.modeling.factory import image_side_of, text_side_of
     from mlilt.packs import read_pack
 
     pack = read_pack(pack_path)

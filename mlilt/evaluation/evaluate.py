@@ -82,7 +82,7 @@ def evaluate(benchmark: str, packs: list[str], root: str | None = None, langs: l
 
 
 def _evaluate_packs(loaded: list[Pack], plan: dict[int, list[str]], sets: dict) -> list[EvalResult]:
-    from mlilt.api import image_side_of, text_side_of
+    from mlilt.modeling.factory import image_side_of, text_side_of
 
     spaces: dict[str, ImageSpace] = {}
     results = []

@@ -1,12 +1,14 @@
 """Build the encoders a pack needs: tower copies that share the frozen weights, the method
-applied, and a projection per side."""
+applied, and a projection per side; or rebuild them from a saved pack."""
 from __future__ import annotations
 
 import torch
 
 from mlilt.methods import MethodReport, apply_methods
 from mlilt.modeling.model import SideEncoder
+from mlilt.packs import Pack, check_tower
 from mlilt.towers.base import Tower
+from mlilt.towers.registry import load_image_tower, load_text_tower
 
 
 def build_sides(towers: dict[str, Tower], method: str, embed_dim: int, frozen_sides: tuple[str, ...] = (),
@@ -44,3 +46,23 @@ def load_state_strict(encoder: SideEncoder, tensors: dict[str, torch.Tensor], wh
 
 def _few(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "none"
+
+
+def image_side_of(pack: Pack, tower=None) -> SideEncoder:
+    """The image side a pack defines, rebuilt on its image tower and frozen."""
+    tower = tower or load_image_tower(pack.config.towers["image"]["spec"])
+    check_tower(pack, "image", tower.fingerprint(), tower.spec)
+    sides, _ = build_sides({"image": tower}, pack.config.image_method, pack.config.embed_dim, strict=False)
+    load_state_strict(sides["image"], pack.side_tensors("image"), f"{pack.path} (image side)")
+    sides["image"].freeze()
+    return sides["image"]
+
+
+def text_side_of(pack: Pack) -> SideEncoder:
+    info = pack.config.towers["text"]
+    tower = load_text_tower(info["spec"], **info.get("options", {}))
+    check_tower(pack, "text", tower.fingerprint(), info["spec"])
+    sides, _ = build_sides({"text": tower}, pack.config.method, pack.config.embed_dim, strict=False)
+    load_state_strict(sides["text"], pack.side_tensors("text"), f"{pack.path} (text side)")
+    sides["text"].freeze()
+    return sides["text"]

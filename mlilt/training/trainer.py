@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlilt.training import distributed
 from mlilt.speed.allocator import return_free_memory, tune_allocator
-from mlilt.api import image_side_of
+from mlilt.modeling.factory import image_side_of
 from mlilt.speed.bf16_weights import cache_bf16_weights
 from mlilt.modeling.factory import build_sides
 from mlilt.training.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
