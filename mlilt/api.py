@@ -1,21 +1,24 @@
 """The model users load: one image side, one text side per language, routed by ``lang=``.
 
 Several packs load into one model only if they share an image space (the same anchor); the
-frozen towers are one copy however many languages are loaded.
+frozen towers are one copy however many languages are loaded. The text sides load with the
+model; the image side loads when first used, so text-only use never reads the image tower.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image
 from torch import nn
 
-from mlilt.modeling.factory import image_side_of, text_side_of
 from mlilt.data.feature_cache import tower_features
-from mlilt.modeling.encode import encode_texts
 from mlilt.errors import PackError, UsageError
+from mlilt.modeling.encode import encode_texts
+from mlilt.modeling.factory import image_side_of, text_side_of
 from mlilt.modeling.model import SideEncoder
 from mlilt.packs import Pack, PackConfig, read_pack
 
@@ -29,14 +32,28 @@ class ZeroShotResult:
 
 
 class MliltModel(nn.Module):
-    def __init__(self, image: SideEncoder, texts: dict[str, SideEncoder], configs: dict[str, PackConfig],
-                 logit_scale: float):
+    def __init__(self, image: SideEncoder | Callable[[], SideEncoder], texts: dict[str, SideEncoder],
+                 configs: dict[str, PackConfig], logit_scale: float):
+        """``image`` is the image side or a function that builds it on first use."""
         super().__init__()
-        self.image = image
+        self._build_image = image if callable(image) and not isinstance(image, nn.Module) else None
+        if self._build_image is None:
+            self._modules["image"] = image
         self.texts = nn.ModuleDict(texts)
         self.configs = configs
         self.logit_scale = logit_scale
+        # Moves with .to()/.cuda(), so an image side built later lands where the model is.
+        self.register_buffer("_placement", torch.empty(0), persistent=False)
         self.eval()
+
+    @property
+    def image(self) -> SideEncoder:
+        """The image side, built (tower loaded, pack tensors checked) the first time it is asked for."""
+        if "image" not in self._modules:
+            side = self._build_image().to(self._placement.device)
+            side.train(self.training)
+            self._modules["image"] = side
+        return self._modules["image"]
 
     @property
     def languages(self) -> list[str]:
@@ -84,12 +101,15 @@ class MliltModel(nn.Module):
 
 
 def load(*packs: str | os.PathLike) -> MliltModel:
-    """Load one or more language packs (names from an index, or folders) into one model."""
+    """Load one or more language packs (names from an index, or folders) into one model.
+
+    Each text side is built and checked against its pack here; the image side is built and
+    checked on first use (``encode_image``, ``similarity`` on raw images, ``model.image``).
+    """
     if not packs:
         raise UsageError("mlilt.load: name at least one pack (a folder or an indexed name such as 'sw')")
     read = [read_pack(p) for p in packs]
     _check_same_image_space(read)
-    image = image_side_of(read[0])
     texts, configs, paths = {}, {}, {}
     for pack in read:
         lang = pack.config.language
@@ -98,7 +118,7 @@ def load(*packs: str | os.PathLike) -> MliltModel:
         texts[lang] = text_side_of(pack)
         configs[lang], paths[lang] = pack.config, pack.path
     scale = float(read[0].tensors["logit_scale"].exp().clamp(max=100.0)) if "logit_scale" in read[0].tensors else 1.0
-    return MliltModel(image, texts, configs, scale)
+    return MliltModel(functools.partial(image_side_of, read[0]), texts, configs, scale)
 
 
 def _check_same_image_space(packs: list[Pack]) -> None:

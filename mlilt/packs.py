@@ -54,6 +54,20 @@ class PackConfig:
     tensor_layout: dict | None = None
 
     @classmethod
+    def for_model(cls, model: ContrastiveModel, language: str, method: str, image_method: str | None = None,
+                  **rest) -> "PackConfig":
+        """The config of ``model``'s pack: its towers, their fingerprints and its image space."""
+        text = model.text.tower
+        image_tensors = {k[len("image."):]: v for k, v in model.pack_state().items() if k.startswith("image.")}
+        towers = {"text": {"spec": text.spec, "fingerprint": model.text.base_fingerprint,
+                           "options": {"pooling": text.pooling, "max_length": text.max_length, "prefix": text.prefix}},
+                  "image": {"spec": model.image.tower.spec, "fingerprint": model.image.base_fingerprint,
+                            "options": {}}}
+        return cls(language=language, method=method, image_method=image_method or method,
+                   embed_dim=model.text.proj.out_features, towers=towers,
+                   image_side_id=image_side_id(model.image.base_fingerprint, image_tensors), **rest)
+
+    @classmethod
     def from_dict(cls, raw: dict, where: str) -> "PackConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
@@ -264,10 +278,7 @@ def resolve_pack(name_or_path: str | os.PathLike) -> Path:
     for folder in pack_search_dirs():
         entry = read_index(folder).get(name)
         if entry is not None:
-            target = (folder / entry["path"]).resolve()
-            if not target.is_relative_to(folder.resolve()):
-                raise PackError(f"{folder / INDEX_FILE}: entry {name!r} points outside its folder")
-            return target
+            return _entry_folder(folder, name, entry)
     raise PackError(f"no pack {name!r}: not a folder, and not in the index of "
                     f"{', '.join(str(d) for d in pack_search_dirs())}")
 
@@ -282,8 +293,17 @@ def read_index(folder: Path) -> dict[str, dict]:
             raise ValueError("'packs' is not an object")
     except (ValueError, UnicodeDecodeError, AttributeError, RecursionError, OSError) as error:
         raise PackError(f"{index}: not a valid pack index ({error})") from error
-    return {name: entry for name, entry in packs.items()
-            if isinstance(entry, dict) and isinstance(entry.get("path"), str)}
+    return packs
+
+
+def _entry_folder(folder: Path, name: str, entry) -> Path:
+    """The pack folder an index entry names, which must lie inside the index's folder."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+        raise PackError(f"{folder / INDEX_FILE}: entry {name!r} must be an object with a \"path\" string")
+    target = (folder / entry["path"]).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise PackError(f"{folder / INDEX_FILE}: entry {name!r} points outside its folder")
+    return target
 
 
 def list_packs() -> list[tuple[str, Path, dict]]:
@@ -291,5 +311,5 @@ def list_packs() -> list[tuple[str, Path, dict]]:
     found: dict[str, tuple[str, Path, dict]] = {}
     for folder in pack_search_dirs():
         for name, entry in read_index(folder).items():
-            found.setdefault(name, (name, folder / entry["path"], entry))
+            found.setdefault(name, (name, _entry_folder(folder, name, entry), entry))
     return list(found.values())

@@ -129,37 +129,6 @@ def _image_embeddings(encoder, images) -> torch.Tensor:
     return encoder(torch.stack([encoder.tower.preprocess(im) for im in images]))
 
 
-def _rewrite_tensors(pack: Path, change, fix_image_side_id: bool = False) -> None:
-    """Rewrite the pack's tensors with ``change(tensors)`` applied; optionally record the new
-    image_side_id so the damage gets past the image-side check."""
-    tensors = load_file(str(pack / PACK_TENSORS))
-    change(tensors)
-    save_file(tensors, str(pack / PACK_TENSORS))
-    if fix_image_side_id:
-        raw = json.loads((pack / PACK_CONFIG).read_text())
-        image = {k[len("image."):]: v for k, v in tensors.items() if k.startswith("image.")}
-        raw["image_side_id"] = image_side_id(raw["towers"]["image"]["fingerprint"], image)
-        (pack / PACK_CONFIG).write_text(json.dumps(raw))
-
-
-def _edit_config(pack: Path, change) -> None:
-    raw = json.loads((pack / PACK_CONFIG).read_text())
-    change(raw)
-    (pack / PACK_CONFIG).write_text(json.dumps(raw))
-
-
-def _pack_config_for(model: ContrastiveModel, method: str, lang: str) -> PackConfig:
-    """A PackConfig filled in the way train.py fills it."""
-    text, image = model.text.tower, model.image.tower
-    image_tensors = {k[len("image."):]: v for k, v in model.pack_state().items() if k.startswith("image.")}
-    return PackConfig(
-        language=lang, method=method, image_method=method, embed_dim=EMBED_DIM,
-        towers={"text": {"spec": text.spec, "fingerprint": model.text.base_fingerprint,
-                         "options": {"pooling": text.pooling, "max_length": text.max_length, "prefix": text.prefix}},
-                "image": {"spec": image.spec, "fingerprint": model.image.base_fingerprint, "options": {}}},
-        image_side_id=image_side_id(model.image.base_fingerprint, image_tensors))
-
-
 # --------------------------------------------------------------------------- round trips
 
 
@@ -204,7 +173,7 @@ def test_random_method_tensors_round_trip(towers, tmp_path, images, method):
     for side in ("text", "image"):
         assert not torch.allclose(wanted[side], identity[side], atol=1e-3), f"{side}: method tensors had no effect"
 
-    path = save_pack(tmp_path / "pack", model, _pack_config_for(model, method, "sw"))
+    path = save_pack(tmp_path / "pack", model, PackConfig.for_model(model, "sw", method))
     loaded = mlilt.load(path)
     assert torch.equal(loaded.encode_text(CAPTIONS, lang="sw"), wanted["text"])
     assert torch.equal(loaded.encode_image(images), wanted["image"])
@@ -233,178 +202,12 @@ def test_pack_on_another_image_tower_is_refused(sw, monkeypatch):
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)  # one weight nudged: a different tower
     monkeypatch.setitem(registry._loaded, ("image", IMAGE_SPEC), other.freeze())
+    model = mlilt.load(path)  # the text side is fine; the image side is checked when first built
     with pytest.raises(PackError) as error:
-        mlilt.load(path)
+        model.encode_image([Image.new("RGB", (32, 32))])
     message = str(error.value)
     assert config.towers["image"]["fingerprint"][:12] in message and other.fingerprint()[:12] in message
     assert f"image tower {IMAGE_SPEC!r}" in message
-
-
-# --------------------------------------------------------------------------- damaged pack files
-
-
-@pytest.mark.parametrize("keep", [0, 4, 9, 0.5, -1])
-def test_truncated_tensor_file(sw, tmp_path, keep):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-    data = (pack / PACK_TENSORS).read_bytes()
-    cut = int(len(data) * keep) if isinstance(keep, float) else (keep if keep >= 0 else len(data) + keep)
-    (pack / PACK_TENSORS).write_bytes(data[:cut])
-    with pytest.raises(PackError, match="unreadable or truncated safetensors"):
-        mlilt.load(pack)
-
-
-def test_tensor_file_with_a_broken_header(sw, tmp_path):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-    data = bytearray((pack / PACK_TENSORS).read_bytes())
-    data[8:9] = b"["  # the header's JSON, broken in place: the length still matches
-    (pack / PACK_TENSORS).write_bytes(bytes(data))
-    with pytest.raises(PackError, match="unreadable or truncated safetensors"):
-        mlilt.load(pack)
-
-
-@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe\x00garbage", b"[1, 2]", b'"a string"'])
-def test_config_that_is_not_a_json_object(sw, tmp_path, content):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-    (pack / PACK_CONFIG).write_bytes(content)
-    with pytest.raises(PackError, match=re.escape(PACK_CONFIG)):
-        mlilt.load(pack)
-
-
-@pytest.mark.parametrize("missing", [PACK_CONFIG, PACK_TENSORS])
-def test_missing_file_is_named(sw, tmp_path, missing):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-    (pack / missing).unlink()
-    with pytest.raises(PackError, match=f"not a complete pack: {re.escape(missing)} is missing"):
-        mlilt.load(pack)
-
-
-def test_missing_folder(tmp_path):
-    with pytest.raises(PackError, match="no pack"):
-        mlilt.load(tmp_path / "nowhere")
-
-
-def test_missing_required_key(sw, tmp_path):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-    _edit_config(pack, lambda raw: raw.pop("image_side_id"))
-    with pytest.raises(PackError, match="missing keys.*image_side_id"):
-        mlilt.load(pack)
-
-
-def test_unknown_config_key_loads_with_a_warning(sw, tmp_path):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-    _edit_config(pack, lambda raw: raw.update(from_the_future={"x": 1}))
-    with pytest.warns(UserWarning, match="from_the_future"):
-        loaded = mlilt.load(pack)
-    assert torch.equal(loaded.encode_text(CAPTIONS, lang="sw"), mlilt.load(sw[0]).encode_text(CAPTIONS, lang="sw"))
-
-
-def test_known_keys_load_without_warnings(sw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        mlilt.load(sw[0])
-
-
-@pytest.mark.parametrize("key, value, words", [
-    ("method", "bogus", "unknown method 'bogus'"),
-    ("method", 5, "expected a string"),
-    ("image_method", "ln+ln", "listed twice"),
-    ("towers", {"image": {"spec": "x", "fingerprint": "y"}}, "towers.text"),
-    ("towers", [], "towers.text"),
-    ("towers", "DROP-IMAGE-FINGERPRINT", "towers.image"),
-])
-def test_config_fields_that_loading_relies_on(sw, tmp_path, key, value, words):
-    """A malformed pack is a PackError naming the file, never a UsageError or a KeyError."""
-    pack = _copy_pack(sw[0], tmp_path / "p")
-
-    def change(raw):
-        if value == "DROP-IMAGE-FINGERPRINT":
-            del raw["towers"]["image"]["fingerprint"]
-        else:
-            raw[key] = value
-
-    _edit_config(pack, change)
-    with pytest.raises(PackError) as error:
-        mlilt.load(pack)
-    assert PACK_CONFIG in str(error.value) and key in str(error.value) and words in str(error.value)
-
-
-def test_method_that_does_not_match_the_tensors(sw, tmp_path):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-    _edit_config(pack, lambda raw: raw.update(method="lora"))  # the tensors are ln+adapter's
-    expected = r"\(text side\): tensors do not match.*missing: .*lora_A.*unexpected: .*adapter"
-    with pytest.raises(PackError, match=expected):
-        mlilt.load(pack)
-
-
-@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, "1", None])
-def test_newer_or_odd_format_version(sw, tmp_path, version):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-    _edit_config(pack, lambda raw: raw.update(format_version=version))
-    with pytest.raises(PackError, match="format version"):
-        mlilt.load(pack)
-
-
-def test_changed_image_tensor_breaks_image_side_id(sw, tmp_path):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-
-    def nudge(tensors):
-        name = next(k for k in sorted(tensors) if k.startswith("image.") and "adapter" in k)
-        tensors[name] = tensors[name] + 1e-3
-
-    _rewrite_tensors(pack, nudge)
-    with pytest.raises(PackError, match="image_side_id"):
-        read_pack(pack)
-    with pytest.raises(PackError, match="image_side_id"):
-        mlilt.load(pack)
-
-
-def _reshape(name):
-    def change(tensors):
-        tensors[name] = torch.zeros(tensors[name].shape[0], tensors[name].shape[1] + 1)
-    return change
-
-
-def _retype(name):
-    def change(tensors):
-        tensors[name] = tensors[name].double()
-    return change
-
-
-def _add(name):
-    def change(tensors):
-        tensors[name] = torch.zeros(3)
-    return change
-
-
-def _drop(name):
-    def change(tensors):
-        del tensors[name]
-    return change
-
-
-TEXT_ADAPTER = "text.tower.model.encoder.layer.1.output.dense.adapter.down.weight"
-IMAGE_ADAPTER = "image.tower.model.blocks.0.mlp.fc2.adapter.up.weight"
-
-
-@pytest.mark.parametrize("change, tensor, words", [
-    (_reshape("text.proj.weight"), "proj.weight", "expected torch.float32 (16, 32)"),
-    (_retype("text.proj.weight"), "proj.weight", "torch.float64"),
-    (_reshape(TEXT_ADAPTER), TEXT_ADAPTER[len("text."):], "(text side)"),
-    (_add("text.tower.extra.weight"), "tower.extra.weight", "unexpected"),
-    (_drop(TEXT_ADAPTER), TEXT_ADAPTER[len("text."):], "missing"),
-    (_reshape("image.proj.weight"), "proj.weight", "(image side)"),
-    (_retype(IMAGE_ADAPTER), IMAGE_ADAPTER[len("image."):], "(image side)"),
-    (_add("image.tower.extra"), "tower.extra", "unexpected"),
-    (_drop(IMAGE_ADAPTER), IMAGE_ADAPTER[len("image."):], "missing"),
-], ids=["text-shape", "text-dtype", "text-adapter-shape", "text-extra", "text-missing", "image-shape",
-        "image-dtype", "image-extra", "image-missing"])
-def test_tensor_mismatch_names_the_tensor(sw, tmp_path, change, tensor, words):
-    pack = _copy_pack(sw[0], tmp_path / "p")
-    _rewrite_tensors(pack, change, fix_image_side_id=True)
-    read_pack(pack)  # the image-side check passes: the damage reaches the strict load
-    with pytest.raises(PackError) as error:
-        mlilt.load(pack)
-    assert tensor in str(error.value) and words in str(error.value)
 
 
 # --------------------------------------------------------------------------- writing over packs
@@ -463,10 +266,11 @@ def test_anchored_packs_load_together(sw, en, towers, images):
     both = mlilt.load(sw_path, en_path)
     assert both.languages == ["sw", "en"]
     assert mlilt.load(en_path, sw_path).languages == ["en", "sw"]
-    # one image side, the anchor's
-    assert [m.side for m in both.modules() if isinstance(m, SideEncoder)] == ["image", "text", "text"]
     alone = {"sw": mlilt.load(sw_path), "en": mlilt.load(en_path)}
+    assert [m.side for m in both.modules() if isinstance(m, SideEncoder)] == ["text", "text"]  # image: on first use
     image = both.encode_image(images)
+    # one image side, the anchor's
+    assert sorted(m.side for m in both.modules() if isinstance(m, SideEncoder)) == ["image", "text", "text"]
     assert torch.equal(image, alone["sw"].encode_image(images))
     assert torch.equal(image, alone["en"].encode_image(images))
     for lang in ("sw", "en"):
@@ -538,27 +342,6 @@ def test_load_by_name_from_an_index(sw, tmp_path, monkeypatch):
     assert [(name, path.resolve()) for name, path, _ in mlilt.list_packs()] == [("sw", (packs / "sw").resolve())]
     with pytest.raises(PackError, match="no pack 'xx'"):
         mlilt.load("xx")
-
-
-@pytest.mark.parametrize("target", ["../x", "sw/../../x", "ABSOLUTE"])
-def test_index_entry_outside_its_folder_is_refused(sw, tmp_path, monkeypatch, target):
-    outside = _copy_pack(sw[0], tmp_path / "x")  # a valid pack: only the check can refuse it
-    packs = tmp_path / "packs"
-    _index(packs, {"sw": {"path": str(outside) if target == "ABSOLUTE" else target, "language": "sw"}})
-    monkeypatch.setenv("MLILT_PACKS", str(packs))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(PackError, match="points outside its folder"):
-        mlilt.load("sw")
-
-
-def test_broken_index_is_a_pack_error(tmp_path, monkeypatch):
-    packs = tmp_path / "packs"
-    packs.mkdir()
-    (packs / INDEX_FILE).write_text("{broken")
-    monkeypatch.setenv("MLILT_PACKS", str(packs))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(PackError, match="not a valid pack index"):
-        mlilt.load("sw")
 
 
 # --------------------------------------------------------------------------- what a pack folder holds

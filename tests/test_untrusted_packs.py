@@ -24,12 +24,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 import mlilt
 from mlilt.modeling.factory import build_sides
 from mlilt.errors import PackError
 from mlilt.modeling.model import ContrastiveModel, image_side_id
-from mlilt.packs import INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, read_pack, save_pack
+from mlilt.packs import FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, read_pack, save_pack
 from mlilt.towers.registry import TowerLoadError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,6 +41,7 @@ METHOD = "ln+adapter"
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 REFUSED = (PackError, TowerLoadError)
+CAPTIONS = ["a large red circle", "duara nyekundu kubwa", "triangle"]
 
 
 # --------------------------------------------------------------------------- one real pack
@@ -59,14 +61,8 @@ def pack(towers, tmp_path_factory) -> Path:
     with torch.no_grad():
         for name, param in model.pack_state().items():
             param.copy_(param + 0.3 * torch.randn(param.shape, generator=generator))
-    image_tensors = {k[len("image."):]: v for k, v in model.pack_state().items() if k.startswith("image.")}
-    config = PackConfig(
-        language="sw", method=METHOD, image_method=METHOD, embed_dim=EMBED_DIM,
-        towers={"text": {"spec": TEXT_SPEC, "fingerprint": model.text.base_fingerprint,
-                         "options": {"pooling": "mean", "max_length": 32, "prefix": ""}},
-                "image": {"spec": IMAGE_SPEC, "fingerprint": model.image.base_fingerprint, "options": {}}},
-        image_side_id=image_side_id(model.image.base_fingerprint, image_tensors),
-        metrics={"val": {"mean_recall": 12.5}}, data={"rows": 10, "sha256": "0" * 64})
+    config = PackConfig.for_model(model, "sw", METHOD, metrics={"val": {"mean_recall": 12.5}},
+                                  data={"rows": 10, "sha256": "0" * 64})
     return save_pack(tmp_path_factory.mktemp("untrusted") / "sw", model, config)
 
 
@@ -98,6 +94,7 @@ def _load_or_refuse(folder: Path, expected) -> str:
             read_ok = False
         try:
             model = mlilt.load(folder)
+            model.image  # the image side is built on first use: build it now
         except REFUSED:
             return "refused"
     assert read_ok, "mlilt.load accepted a pack that read_pack refused"
@@ -114,6 +111,29 @@ def _assert_same_tensors(model, expected) -> None:
             assert value.dtype == expected[side][name].dtype and torch.equal(value, expected[side][name]), \
                 f"loaded a model with a wrong {side} tensor {name}"
     assert model.logit_scale == expected["scale"]
+
+
+def _copied(pack: Path, tmp_path: Path) -> Path:
+    """A copy of the pack in the test's own folder, to damage."""
+    return Path(shutil.copytree(pack, tmp_path / "p"))
+
+
+def _edit_config(folder: Path, change) -> None:
+    raw = json.loads((folder / PACK_CONFIG).read_text(encoding="utf-8"))
+    change(raw)
+    (folder / PACK_CONFIG).write_text(json.dumps(raw), encoding="utf-8")
+
+
+def _rewrite_tensors(folder: Path, change, fix_image_side_id: bool = False) -> None:
+    """Rewrite the pack's tensors with ``change(tensors)`` applied; optionally record the new
+    image_side_id so the damage gets past the image-side check."""
+    tensors = load_file(str(folder / PACK_TENSORS))
+    change(tensors)
+    save_file(tensors, str(folder / PACK_TENSORS))
+    if fix_image_side_id:
+        image = {k[len("image."):]: v for k, v in tensors.items() if k.startswith("image.")}
+        _edit_config(folder, lambda raw: raw.update(
+            image_side_id=image_side_id(raw["towers"]["image"]["fingerprint"], image)))
 
 
 def _flip(data: bytes, bit: int) -> bytes:
@@ -167,7 +187,7 @@ def test_bit_flips_in_the_tensor_file_are_refused(pack, expected, bits, header):
 def test_a_flip_in_text_data_is_a_checksum_mismatch(pack, expected, tmp_path):
     """Text-side values have no other check: only the checksum stands between a flipped bit
     and a model that silently encodes differently."""
-    folder = Path(shutil.copytree(pack, tmp_path / "p"))
+    folder = _copied(pack, tmp_path)
     data = (folder / PACK_TENSORS).read_bytes()
     header_length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + header_length])
@@ -250,29 +270,189 @@ def test_config_values_replaced_by_random_json(pack, expected, data):
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"language": ' + "9" * 10_000 + "}", "\ud800"],
                          ids=["deep-nesting", "huge-integer", "lone-surrogate"])
 def test_pathological_json_is_a_pack_error(pack, tmp_path, text):
-    folder = Path(shutil.copytree(pack, tmp_path / "p"))
+    folder = _copied(pack, tmp_path)
     (folder / PACK_CONFIG).write_bytes(text.encode("utf-8", "surrogatepass"))
     with pytest.raises(PackError, match=re.escape(PACK_CONFIG)):
         read_pack(folder)
+
+
+# --------------------------------------------------------------------------- named errors
+
+
+@pytest.mark.parametrize("keep", [0, 4, 9, 0.5, -1])
+def test_truncated_tensor_file(pack, tmp_path, keep):
+    pack = _copied(pack, tmp_path)
+    data = (pack / PACK_TENSORS).read_bytes()
+    cut = int(len(data) * keep) if isinstance(keep, float) else (keep if keep >= 0 else len(data) + keep)
+    (pack / PACK_TENSORS).write_bytes(data[:cut])
+    with pytest.raises(PackError, match="unreadable or truncated safetensors"):
+        mlilt.load(pack)
+
+
+def test_tensor_file_with_a_broken_header(pack, tmp_path):
+    pack = _copied(pack, tmp_path)
+    data = bytearray((pack / PACK_TENSORS).read_bytes())
+    data[8:9] = b"["  # the header's JSON, broken in place: the length still matches
+    (pack / PACK_TENSORS).write_bytes(bytes(data))
+    with pytest.raises(PackError, match="unreadable or truncated safetensors"):
+        mlilt.load(pack)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe\x00garbage", b"[1, 2]", b'"a string"'])
+def test_config_that_is_not_a_json_object(pack, tmp_path, content):
+    pack = _copied(pack, tmp_path)
+    (pack / PACK_CONFIG).write_bytes(content)
+    with pytest.raises(PackError, match=re.escape(PACK_CONFIG)):
+        mlilt.load(pack)
+
+
+@pytest.mark.parametrize("missing", [PACK_CONFIG, PACK_TENSORS])
+def test_missing_file_is_named(pack, tmp_path, missing):
+    pack = _copied(pack, tmp_path)
+    (pack / missing).unlink()
+    with pytest.raises(PackError, match=f"not a complete pack: {re.escape(missing)} is missing"):
+        mlilt.load(pack)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(PackError, match="no pack"):
+        mlilt.load(tmp_path / "nowhere")
+
+
+def test_missing_required_key(pack, tmp_path):
+    pack = _copied(pack, tmp_path)
+    _edit_config(pack, lambda raw: raw.pop("image_side_id"))
+    with pytest.raises(PackError, match="missing keys.*image_side_id"):
+        mlilt.load(pack)
+
+
+def test_unknown_config_key_loads_with_a_warning(pack, tmp_path):
+    original, pack = pack, _copied(pack, tmp_path)
+    _edit_config(pack, lambda raw: raw.update(from_the_future={"x": 1}))
+    with pytest.warns(UserWarning, match="from_the_future"):
+        loaded = mlilt.load(pack)
+    assert torch.equal(loaded.encode_text(CAPTIONS, lang="sw"), mlilt.load(original).encode_text(CAPTIONS, lang="sw"))
+
+
+def test_known_keys_load_without_warnings(pack):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlilt.load(pack)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("method", "bogus", "unknown method 'bogus'"),
+    ("method", 5, "expected a string"),
+    ("image_method", "ln+ln", "listed twice"),
+    ("towers", {"image": {"spec": "x", "fingerprint": "y"}}, "towers.text"),
+    ("towers", [], "towers.text"),
+    ("towers", "DROP-IMAGE-FINGERPRINT", "towers.image"),
+])
+def test_config_fields_that_loading_relies_on(pack, tmp_path, key, value, words):
+    """A malformed pack is a PackError naming the file, never a UsageError or a KeyError."""
+    pack = _copied(pack, tmp_path)
+
+    def change(raw):
+        if value == "DROP-IMAGE-FINGERPRINT":
+            del raw["towers"]["image"]["fingerprint"]
+        else:
+            raw[key] = value
+
+    _edit_config(pack, change)
+    with pytest.raises(PackError) as error:
+        mlilt.load(pack)
+    assert PACK_CONFIG in str(error.value) and key in str(error.value) and words in str(error.value)
+
+
+def test_method_that_does_not_match_the_tensors(pack, tmp_path):
+    pack = _copied(pack, tmp_path)
+    _edit_config(pack, lambda raw: raw.update(method="lora"))  # the tensors are ln+adapter's
+    expected = r"\(text side\): tensors do not match.*missing: .*lora_A.*unexpected: .*adapter"
+    with pytest.raises(PackError, match=expected):
+        mlilt.load(pack)
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, "1", None])
+def test_newer_or_odd_format_version(pack, tmp_path, version):
+    pack = _copied(pack, tmp_path)
+    _edit_config(pack, lambda raw: raw.update(format_version=version))
+    with pytest.raises(PackError, match="format version"):
+        mlilt.load(pack)
+
+
+def test_changed_image_tensor_breaks_image_side_id(pack, tmp_path):
+    pack = _copied(pack, tmp_path)
+
+    def nudge(tensors):
+        name = next(k for k in sorted(tensors) if k.startswith("image.") and "adapter" in k)
+        tensors[name] = tensors[name] + 1e-3
+
+    _rewrite_tensors(pack, nudge)
+    with pytest.raises(PackError, match="image_side_id"):
+        read_pack(pack)
+    with pytest.raises(PackError, match="image_side_id"):
+        mlilt.load(pack)
+
+
+def _reshape(name):
+    def change(tensors):
+        tensors[name] = torch.zeros(tensors[name].shape[0], tensors[name].shape[1] + 1)
+    return change
+
+
+def _retype(name):
+    def change(tensors):
+        tensors[name] = tensors[name].double()
+    return change
+
+
+def _add(name):
+    def change(tensors):
+        tensors[name] = torch.zeros(3)
+    return change
+
+
+def _drop(name):
+    def change(tensors):
+        del tensors[name]
+    return change
+
+
+TEXT_ADAPTER = "text.tower.model.encoder.layer.1.output.dense.adapter.down.weight"
+IMAGE_ADAPTER = "image.tower.model.blocks.0.mlp.fc2.adapter.up.weight"
+
+
+@pytest.mark.parametrize("change, tensor, words", [
+    (_reshape("text.proj.weight"), "proj.weight", "expected torch.float32 (16, 32)"),
+    (_retype("text.proj.weight"), "proj.weight", "torch.float64"),
+    (_reshape(TEXT_ADAPTER), TEXT_ADAPTER[len("text."):], "(text side)"),
+    (_add("text.tower.extra.weight"), "tower.extra.weight", "unexpected"),
+    (_drop(TEXT_ADAPTER), TEXT_ADAPTER[len("text."):], "missing"),
+    (_reshape("image.proj.weight"), "proj.weight", "(image side)"),
+    (_retype(IMAGE_ADAPTER), IMAGE_ADAPTER[len("image."):], "(image side)"),
+    (_add("image.tower.extra"), "tower.extra", "unexpected"),
+    (_drop(IMAGE_ADAPTER), IMAGE_ADAPTER[len("image."):], "missing"),
+], ids=["text-shape", "text-dtype", "text-adapter-shape", "text-extra", "text-missing", "image-shape",
+        "image-dtype", "image-extra", "image-missing"])
+def test_tensor_mismatch_names_the_tensor(pack, tmp_path, change, tensor, words):
+    pack = _copied(pack, tmp_path)
+    _rewrite_tensors(pack, change, fix_image_side_id=True)
+    read_pack(pack)  # the image-side check passes: the damage reaches the strict load
+    with pytest.raises(PackError) as error:
+        mlilt.load(pack).image  # the text sides are built by load(), the image side on first use
+    assert tensor in str(error.value) and words in str(error.value)
 
 
 # --------------------------------------------------------------------------- the checksum
 
 
 def test_changed_checksum_is_refused(pack, tmp_path):
-    folder = Path(shutil.copytree(pack, tmp_path / "p"))
+    folder = _copied(pack, tmp_path)
     raw = json.loads((folder / PACK_CONFIG).read_text(encoding="utf-8"))
     raw["tensors_sha256"] = "0" * 64
     (folder / PACK_CONFIG).write_text(json.dumps(raw), encoding="utf-8")
     with pytest.raises(PackError, match="checksum mismatch"):
         read_pack(folder)
-
-
-def _rewrite(folder: Path, change) -> None:
-    from safetensors.torch import load_file, save_file
-    tensors = load_file(str(folder / PACK_TENSORS))
-    change(tensors)
-    save_file(tensors, str(folder / PACK_TENSORS))
 
 
 @pytest.mark.parametrize("change", [
@@ -282,16 +462,16 @@ def _rewrite(folder: Path, change) -> None:
     lambda t: t.pop("logit_scale"),
 ], ids=["logit-scale-value", "logit-scale-dtype", "extra-tensor", "no-logit-scale"])
 def test_changes_outside_the_sides_are_checksum_mismatches(pack, tmp_path, change):
-    folder = Path(shutil.copytree(pack, tmp_path / "p"))
-    _rewrite(folder, change)
+    folder = _copied(pack, tmp_path)
+    _rewrite_tensors(folder, change)
     with pytest.raises(PackError, match="checksum mismatch"):
         mlilt.load(folder)
 
 
 def test_changed_side_layout_is_left_to_the_strict_load(pack, tmp_path):
     """A reshaped text tensor: the checksum defers to the strict load, whose message names it."""
-    folder = Path(shutil.copytree(pack, tmp_path / "p"))
-    _rewrite(folder, lambda t: t.update({"text.proj.weight": torch.zeros(EMBED_DIM, 33)}))
+    folder = _copied(pack, tmp_path)
+    _rewrite_tensors(folder, lambda t: t.update({"text.proj.weight": torch.zeros(EMBED_DIM, 33)}))
     read_pack(folder)
     with pytest.raises(PackError, match=r"text\.proj\.weight|proj\.weight.*expected torch\.float32"):
         mlilt.load(folder)
@@ -299,7 +479,7 @@ def test_changed_side_layout_is_left_to_the_strict_load(pack, tmp_path):
 
 @pytest.mark.parametrize("value", ["abc", 5, ["0" * 64], "G" * 64])
 def test_malformed_checksum_is_refused(pack, tmp_path, value):
-    folder = Path(shutil.copytree(pack, tmp_path / "p"))
+    folder = _copied(pack, tmp_path)
     raw = json.loads((folder / PACK_CONFIG).read_text(encoding="utf-8"))
     raw["tensors_sha256"] = value
     (folder / PACK_CONFIG).write_text(json.dumps(raw), encoding="utf-8")
@@ -309,7 +489,7 @@ def test_malformed_checksum_is_refused(pack, tmp_path, value):
 
 def test_pack_without_a_checksum_loads_with_a_warning(pack, expected, tmp_path):
     """Packs written before the checksum existed still load, and say what cannot be checked."""
-    folder = Path(shutil.copytree(pack, tmp_path / "p"))
+    folder = _copied(pack, tmp_path)
     raw = json.loads((folder / PACK_CONFIG).read_text(encoding="utf-8"))
     del raw["tensors_sha256"], raw["tensor_layout"]
     (folder / PACK_CONFIG).write_text(json.dumps(raw), encoding="utf-8")
@@ -345,14 +525,28 @@ def test_symlinks_that_stay_inside_are_fine(pack, expected, tmp_path, monkeypatc
     _assert_same_tensors(mlilt.load("sw"), expected)
 
 
-@pytest.mark.parametrize("index", [{"packs": []}, {"packs": {"sw": {"path": 5}}}, {"packs": {"sw": "sw"}}, []])
-def test_malformed_index_is_a_pack_error(tmp_path, monkeypatch, index):
+@pytest.mark.parametrize("target", ["../x", "sw/../../x", "ABSOLUTE"])
+def test_index_entry_outside_its_folder_is_refused(pack, tmp_path, monkeypatch, target):
+    outside = Path(shutil.copytree(pack, tmp_path / "x"))  # a valid pack: only the check can refuse it
     packs = tmp_path / "packs"
     packs.mkdir()
-    (packs / INDEX_FILE).write_text(json.dumps(index))
+    entry = {"path": str(outside) if target == "ABSOLUTE" else target, "language": "sw"}
+    (packs / INDEX_FILE).write_text(json.dumps({"packs": {"sw": entry}}))
     monkeypatch.setenv("MLILT_PACKS", str(packs))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(PackError):
+    with pytest.raises(PackError, match="points outside its folder"):
+        mlilt.load("sw")
+
+
+@pytest.mark.parametrize("text", ["{broken", *(json.dumps(index) for index in
+                                                ({"packs": []}, {"packs": {"sw": {"path": 5}}}, {"packs": {"sw": "sw"}}, []))])
+def test_malformed_index_is_a_pack_error(tmp_path, monkeypatch, text):
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / INDEX_FILE).write_text(text)
+    monkeypatch.setenv("MLILT_PACKS", str(packs))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PackError, match="pack index|index.json"):
         mlilt.load("sw")
 
 

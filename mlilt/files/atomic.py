@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +18,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _sibling(path, ".tmp")
+    # O_EXCL under a fresh name, mode 0666: the process umask applies as it would to open(path, "w").
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -47,13 +49,13 @@ def staged_dir(dest: str | os.PathLike, replace: bool = False) -> Iterator[Path]
     if dest.exists() and not replace:
         raise FileExistsError(f"{dest} already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
+    stage = _sibling(dest, ".partial")
+    stage.mkdir()  # plain mkdir: the umask gives the permissions a user expects of a new folder
     try:
         yield stage
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, old / dest.name)
+            old = _sibling(dest, ".old")
+            os.replace(dest, old)
             os.replace(stage, dest)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -63,7 +65,6 @@ def staged_dir(dest: str | os.PathLike, replace: bool = False) -> Iterator[Path]
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _sibling(path: Path, suffix: str) -> Path:
+    """A fresh hidden name beside ``path`` (same filesystem, so the final rename is atomic)."""
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"

@@ -43,7 +43,3 @@ def parse_method(spec: str) -> list[MethodPart]:
     if len({(p.name, p.side) for p in parts}) != len(parts):
         raise UsageError(f"method {spec!r}: a method is listed twice")
     return parts
-
-
-def format_method(parts: list[MethodPart]) -> str:
-    return "+".join(str(part) for part in parts)

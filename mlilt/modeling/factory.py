@@ -12,13 +12,16 @@ from mlilt.towers.registry import load_image_tower, load_text_tower
 
 
 def build_sides(towers: dict[str, Tower], method: str, embed_dim: int, frozen_sides: tuple[str, ...] = (),
-                strict: bool = True, seed: int | None = None) -> tuple[dict[str, SideEncoder], MethodReport]:
-    """Encoders for the given sides with ``method`` applied to their tower copies."""
-    if seed is not None:
-        torch.manual_seed(seed)  # method parameters and projections start the same for a seed
-    clones = {side: tower.share_frozen_clone() for side, tower in towers.items()}
-    report = apply_methods(method, clones, frozen_sides=frozen_sides, strict=strict)
-    encoders = {side: SideEncoder(clones[side], embed_dim, base=towers[side]) for side in clones}
+                strict: bool = True, seed: int = 0) -> tuple[dict[str, SideEncoder], MethodReport]:
+    """Encoders for the given sides with ``method`` applied to their tower copies.
+
+    Method parameters and projections start from ``seed``; the caller's global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clones = {side: tower.share_frozen_clone() for side, tower in towers.items()}
+        report = apply_methods(method, clones, frozen_sides=frozen_sides, strict=strict)
+        encoders = {side: SideEncoder(clones[side], embed_dim, base=towers[side]) for side in clones}
     for side in frozen_sides:
         if side in encoders:
             encoders[side].freeze()
