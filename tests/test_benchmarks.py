@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mlilt.errors import DataError, UsageError
-from mlilt.datasets.benchmarks import BENCHMARKS, benchmark_languages, load_benchmark
+from mlilt.datasets import BENCHMARKS, benchmark_languages, load_benchmark, multi30k
 
 XM_LANGS = ("ar bn cs da de el en es fa fi fil fr he hi hr hu id it ja ko mi nl no pl pt "
             "quz ro ru sv sw te th tr uk vi zh").split()
@@ -230,6 +230,16 @@ def test_multi30k(tmp_path):
     assert cs.captions == ["cs: a", "cs: c"] and cs.image_keys == [names[0], names[2]]
     assert cs.caption_image == [0, 1]
     assert cs.counts["captions_empty"] == 1 and cs.counts["images_without_language"] == 1
+
+
+def test_multi30k_verify_and_one_ref_per_image(tmp_path):
+    folder, names = _write_multi30k(tmp_path)
+    sets = _load("multi30k", tmp_path)
+    assert sets["en"].images[0] is sets["de"].images[0]  # shared by every language: hashed once
+    (folder / "flickr30k-images" / names[1]).unlink()
+    report = multi30k.verify(tmp_path)
+    assert report.missing_images == [names[1]] and report.found_images == 2 and not report.errors
+    assert not report.ok and "expected 1000" in report.summary()
 
 
 def test_lone_language_string(tmp_path):

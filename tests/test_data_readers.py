@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import mlilt.data.images as image_module
 from mlilt.data.images import MAX_PIXELS, ImageRef, image_id, load_image, verify_image
 from mlilt.data.pairs import Pair, PairSet, read_pairs
 from mlilt.errors import DataError, UsageError
@@ -433,6 +434,22 @@ def test_image_id_is_a_cached_content_hash(tmp_path):
     assert image_id(a) != before
     with pytest.raises(DataError, match="gone.png"):
         image_id(tmp_path / "gone.png")
+
+
+def test_image_id_is_memoised_on_the_ref_and_pairs_of_one_image_share_it(tmp_path, monkeypatch):
+    a = png(tmp_path / "a.png")
+    hashed = []
+    real = image_module._file_sha256
+    monkeypatch.setattr(image_module, "_file_sha256", lambda path: hashed.append(path) or real(path))
+    ref = ImageRef.from_path(a)
+    first = image_id(ref)
+    assert image_id(ref) == first and len(hashed) == 1  # asked again: a stat, no second hash
+    png(a, color=(1, 1, 1))
+    os.utime(a, ns=(1, 1))
+    assert image_id(ref) != first and len(hashed) == 2
+    rows = [{"image": "a.png", "caption": "one"}, {"image": "a.png", "caption": "two"}]
+    pairs = read_pairs(write_jsonl(tmp_path / "p.jsonl", rows), check_images=False).pairs
+    assert pairs[0].image is pairs[1].image
 
 
 # --------------------------------------------------------------------------- fuzz

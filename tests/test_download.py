@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mlilt.datasets import download as dl
+import mlilt.datasets as benchmarks
+from mlilt.datasets import VerifyReport, load_benchmark, xm3600, xtd10
+from mlilt.datasets.fetch import fetch
 from mlilt.errors import DataError, MliltError
-from mlilt.datasets.benchmarks import load_benchmark
 
 KEYS = ["000411001ff7dd4f", "0a1b2c3d4e5f6789", "ffeeddccbbaa0011"]
 
@@ -62,9 +63,9 @@ def _images_tgz(path: Path, names, extra_members=()) -> Path:
 
 def test_unpack_gives_the_layout_the_loader_reads(tmp_path):
     root = tmp_path / "bench"
-    report = dl.unpack_xm3600(_captions_zip(tmp_path / "captions.zip"),
-                              _images_tgz(tmp_path / "images.tgz", [f"{k}.jpg" for k in KEYS]),
-                              root, expected=len(KEYS))
+    report = xm3600.unpack(_captions_zip(tmp_path / "captions.zip"),
+                           _images_tgz(tmp_path / "images.tgz", [f"{k}.jpg" for k in KEYS]),
+                           root, expected=len(KEYS))
     assert report.ok, report.summary()
     assert (report.found_images, report.caption_entries) == (3, 3)
     assert sorted(p.name for p in (root / "xm3600" / "images").iterdir()) == [f"{k}.jpg" for k in KEYS]
@@ -74,17 +75,17 @@ def test_unpack_gives_the_layout_the_loader_reads(tmp_path):
         sets = load_benchmark("xm3600", root, langs=["en", "de"])
     assert sets["en"].image_keys == KEYS and len(sets["de"].captions) == 3
     # the real set expects 3,600 images: a small one is reported, not passed
-    full = dl.verify_xm3600(root)
+    full = xm3600.verify(root)
     assert not full.ok and "expected 3600" in full.summary()
     with pytest.raises(MliltError, match="already exists"):
-        dl.unpack_xm3600(tmp_path / "captions.zip", tmp_path / "images.tgz", root)
+        xm3600.unpack(tmp_path / "captions.zip", tmp_path / "images.tgz", root)
 
 
 def test_verify_reports_missing_image_and_extra_file(tmp_path):
     root = tmp_path / "bench"
     names = [f"{KEYS[0]}.jpg", f"{KEYS[1]}.jpg", "1234567890abcdef.jpg"]  # KEYS[2] has no image
-    report = dl.unpack_xm3600(_captions_zip(tmp_path / "c.zip"), _images_tgz(tmp_path / "i.tgz", names),
-                              root, expected=3)
+    report = xm3600.unpack(_captions_zip(tmp_path / "c.zip"), _images_tgz(tmp_path / "i.tgz", names),
+                           root, expected=3)
     assert not report.ok
     assert report.missing_images == [KEYS[2]]
     assert report.extra_files == ["1234567890abcdef.jpg"]
@@ -94,7 +95,7 @@ def test_verify_reports_missing_image_and_extra_file(tmp_path):
     # a broken caption line is reported with its line number
     with open(root / "xm3600" / "captions.jsonl", "a") as handle:
         handle.write("{not json\n")
-    assert any("captions.jsonl:4" in e for e in dl.verify_xm3600(root, expected=3).errors)
+    assert any("captions.jsonl:4" in e for e in xm3600.verify(root, expected=3).errors)
 
 
 @pytest.mark.parametrize("member", [
@@ -110,7 +111,7 @@ def test_malicious_tar_is_refused_and_nothing_is_written(tmp_path, member):
     root.mkdir()
     tgz = _images_tgz(tmp_path / "images.tgz", [f"{KEYS[0]}.jpg"], extra_members=[member])
     with pytest.raises(DataError, match="refusing member"):
-        dl.unpack_xm3600(_captions_zip(tmp_path / "captions.zip"), tgz, root)
+        xm3600.unpack(_captions_zip(tmp_path / "captions.zip"), tgz, root)
     assert list(root.iterdir()) == []  # no xm3600, no half-written staging folder
     assert not (tmp_path / "evil.jpg").exists() and not Path("/tmp/mlilt-absolute-evil.jpg").exists()
 
@@ -121,7 +122,7 @@ def test_zip_with_escaping_member_is_refused(tmp_path):
         archive.writestr("../captions.jsonl", "{}")
     root = tmp_path / "root"
     with pytest.raises(DataError, match="refusing member"):
-        dl.unpack_xm3600(bad, _images_tgz(tmp_path / "i.tgz", []), root)
+        xm3600.unpack(bad, _images_tgz(tmp_path / "i.tgz", []), root)
     assert not root.exists() or list(root.iterdir()) == []
 
 
@@ -130,10 +131,10 @@ def test_verify_xtd10_lists_missing_coco_images(tmp_path):
     (folder / "images").mkdir(parents=True)
     names = ["COCO_train2014_000000000009.jpg", "COCO_train2014_000000000025.jpg"]
     (folder / "test_image_names.txt").write_text("\n".join(names) + "\n")
-    for lang in dl.XTD10_LANGUAGES:
+    for lang in xtd10.LANGUAGES:
         (folder / f"test_1kcaptions_{lang}.txt").write_text("one\ntwo\n")
     (folder / "images" / names[0]).write_bytes(_jpeg())
-    report = dl.verify_xtd10(tmp_path)
+    report = xtd10.verify(tmp_path)
     assert report.missing_images == [names[1]] and report.found_images == 1
     assert not report.ok and "COCO train2014" in report.summary() and not report.errors
 
@@ -187,7 +188,7 @@ def test_fetch_resumes_a_partial_download(tmp_path, server):
     half = len(handler.payload) // 2
     (tmp_path / "file.bin.part").write_bytes(handler.payload[:half])
     seen = []
-    assert dl.fetch(url, dest, lambda done, total: seen.append((done, total))) == dest
+    assert fetch(url, dest, lambda done, total: seen.append((done, total))) == dest
     assert dest.read_bytes() == handler.payload
     assert handler.ranges == [f"bytes={half}-"]
     assert seen[0] == (half, len(handler.payload)) and seen[-1] == (len(handler.payload),) * 2
@@ -196,11 +197,11 @@ def test_fetch_resumes_a_partial_download(tmp_path, server):
 
 def test_fetch_from_scratch_and_complete_part(tmp_path, server):
     handler, url = server
-    dl.fetch(url, tmp_path / "a.bin")
+    fetch(url, tmp_path / "a.bin")
     assert (tmp_path / "a.bin").read_bytes() == handler.payload and handler.ranges == [None]
     # a .part that already holds everything: the server says 416, the file is fetched anew
     (tmp_path / "b.bin.part").write_bytes(handler.payload)
-    dl.fetch(url, tmp_path / "b.bin")
+    fetch(url, tmp_path / "b.bin")
     assert (tmp_path / "b.bin").read_bytes() == handler.payload
 
 
@@ -208,7 +209,7 @@ def test_fetch_when_server_ignores_range(tmp_path, server):
     handler, url = server
     handler.honour_range = False
     (tmp_path / "file.bin.part").write_bytes(b"garbage that is not the start of the file")
-    dl.fetch(url, tmp_path / "file.bin")
+    fetch(url, tmp_path / "file.bin")
     assert (tmp_path / "file.bin").read_bytes() == handler.payload
     assert handler.ranges[0] is not None  # a resume was asked for and ignored
 
@@ -219,7 +220,7 @@ def test_fetch_unreachable_names_the_url(tmp_path):
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/captions.zip"
     with pytest.raises(MliltError, match=f"127.0.0.1:{port}/captions.zip") as info:
-        dl.fetch(url, tmp_path / "captions.zip", timeout=5)
+        fetch(url, tmp_path / "captions.zip", timeout=5)
     assert "again" in str(info.value)
     assert not (tmp_path / "captions.zip").exists()
 
@@ -228,9 +229,9 @@ def test_download_lists_what_could_not_be_fetched(tmp_path, monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    monkeypatch.setitem(dl.SOURCES, "xm3600", {name: f"http://127.0.0.1:{port}/{name}"
-                                               for name in dl.SOURCES["xm3600"]})
-    report = dl.download_xm3600(tmp_path)
+    monkeypatch.setattr(xm3600, "SOURCES", {name: f"http://127.0.0.1:{port}/{name}"
+                                         for name in xm3600.SOURCES})
+    report = xm3600.download(tmp_path)
     assert not report.ok and len(report.not_fetched) == 2
     assert "could not be fetched" in report.summary() and not (tmp_path / "xm3600").exists()
 
@@ -258,10 +259,10 @@ def test_download_xm3600_end_to_end_from_local_server(tmp_path, monkeypatch):
              "images.tgz": _images_tgz(tmp_path / "i.tgz", [f"{k}.jpg" for k in KEYS]).read_bytes()}
 
     with _serving(files) as base:
-        monkeypatch.setitem(dl.SOURCES, "xm3600", {name: base + name for name in files})
-        monkeypatch.setattr(dl, "XM3600_IMAGES", 3)
+        monkeypatch.setattr(xm3600, "SOURCES", {name: base + name for name in files})
+        monkeypatch.setattr(xm3600, "IMAGES", 3)
         calls = []
-        report = dl.download_xm3600(tmp_path / "root", lambda *a: calls.append(a))
+        report = xm3600.download(tmp_path / "root", lambda *a: calls.append(a))
     assert report.found_images == 3 and not report.missing_images and not report.errors
     assert {label for label, _, _ in calls} == set(files)
     assert (tmp_path / "root" / ".downloads" / "xm3600" / "images.tgz").is_file()
@@ -274,7 +275,7 @@ def test_zip_symlink_member_is_refused(tmp_path):
         info.external_attr = (0o120777 << 16)  # a symlink entry
         archive.writestr(info, "/etc/passwd")
     with pytest.raises(DataError, match="refusing member"):
-        dl.unpack_xm3600(bad, _images_tgz(tmp_path / "i.tgz", []), tmp_path / "root")
+        xm3600.unpack(bad, _images_tgz(tmp_path / "i.tgz", []), tmp_path / "root")
     assert not (tmp_path / "root" / "xm3600").exists()
 
 
@@ -291,16 +292,16 @@ def test_cli_prints_summary_and_fails_when_incomplete(tmp_path, monkeypatch):
     def fake(root, progress=None, overwrite=False):
         progress("captions.zip", 5, 10)
         progress("captions.zip", 10, 10)
-        report = dl.VerifyReport("xm3600", Path(root) / "xm3600", 3, found_images=2, caption_entries=3,
-                                 missing_images=[KEYS[2]])
+        report = VerifyReport("xm3600", Path(root) / "xm3600", 3, found_images=2, caption_entries=3,
+                              missing_images=[KEYS[2]])
         return report
 
-    monkeypatch.setattr(dl, "download_xm3600", fake)
+    monkeypatch.setattr(benchmarks, "download_xm3600", fake)
     result = CliRunner().invoke(app, ["download", "xm3600", "--root", str(tmp_path)])
     assert result.exit_code == 1, result.output
     assert "INCOMPLETE" in result.output and KEYS[2] in result.output
 
-    monkeypatch.setattr(dl, "download_xtd10", lambda root, progress=None: dl.VerifyReport(
+    monkeypatch.setattr(benchmarks, "download_xtd10", lambda root, progress=None: VerifyReport(
         "xtd10", Path(root) / "xtd10", None))
     result = CliRunner().invoke(app, ["download", "xtd10", "--root", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -311,17 +312,17 @@ def test_download_xtd10_fetches_captions_and_lists_missing_images(tmp_path, monk
     names = ["COCO_train2014_000000000009.jpg", "COCO_train2014_000000000025.jpg"]
     files = {"test_image_names.txt": ("\n".join(names) + "\n").encode()}
     files.update({f"test_1kcaptions_{lang}.txt": f"{lang} one\n{lang} two\n".encode()
-                  for lang in dl.XTD10_LANGUAGES})
+                  for lang in xtd10.LANGUAGES})
 
     with _serving(files) as base:
-        monkeypatch.setitem(dl.SOURCES, "xtd10", {name: base + name for name in files})
+        monkeypatch.setattr(xtd10, "SOURCES", {name: base + name for name in files})
         root = tmp_path / "root"
-        report = dl.download_xtd10(root)
+        report = xtd10.download(root)
         assert report.missing_images == names and not report.errors and not report.not_fetched
         assert str(root / "xtd10" / "images") in report.summary()
         (root / "xtd10" / "images" / names[0]).write_bytes(_jpeg())
         (root / "xtd10" / "images" / names[1]).write_bytes(_jpeg())
-        again = dl.download_xtd10(root)  # re-run: user images kept, caption files rewritten
+        again = xtd10.download(root)  # re-run: user images kept, caption files rewritten
     assert again.found_images == 2 and not again.missing_images
     with warnings.catch_warnings():
         warnings.simplefilter("error")

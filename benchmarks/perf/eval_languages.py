@@ -42,7 +42,7 @@ TEXT_BATCH = 64
 def write_xm3600(root: Path, n_images: int, seed: int = 0) -> Path:
     """A synthetic XM3600 tree with ``n_images`` images and 2 captions per image per language."""
     from mlilt.demo.data import caption_scene, demo_languages, draw_scene, make_scenes
-    from mlilt.datasets.benchmarks import XM3600_LANGUAGES
+    from mlilt.datasets import XM3600_LANGUAGES
 
     folder = root / "xm3600"
     if (folder / "captions.jsonl").is_file():
@@ -88,7 +88,7 @@ def run_clip_benchmark_style(args) -> dict:
     import torch
 
     from mlilt.modeling.factory import image_side_of, text_side_of
-    from mlilt.datasets.benchmarks import XM3600_LANGUAGES, load_benchmark
+    from mlilt.datasets import XM3600_LANGUAGES, load_benchmark
     from mlilt.evaluation.retrieval import retrieval_metrics
     from mlilt.packs import read_pack
 

@@ -30,7 +30,7 @@ def download_command(
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from mlilt.datasets.download import download_xm3600, download_xtd10
+    from mlilt.datasets import download_xm3600, download_xtd10
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=False) as bar:

@@ -10,7 +10,6 @@ know *which* one is broken, not a PIL traceback.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
@@ -42,8 +41,9 @@ class ImageRef:
     path: Path | None = None
     data: bytes | None = field(default=None, repr=False)
     name: str = ""
-    # Bytes never change, so their hash is memoised on the instance; files are re-checked.
-    _data_id: list = field(default_factory=list, init=False, repr=False, compare=False)
+    # The content hash, memoised on the instance: [digest] for bytes, which never change;
+    # [(stat key, digest)] for a file, reused while the file's stat key stays the same.
+    _id_memo: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.data is None):
@@ -86,25 +86,31 @@ def _where(ref: ImageRef, source: str | None) -> str:
 def image_id(ref: ImageLike, source: str | None = None) -> str:
     """sha256 of the image's encoded bytes; keys the feature caches.
 
-    For files the digest is cached by (path, size, mtime_ns, ctime_ns, inode): asking again is one ``stat``,
-    and an edited file gets a new id.
+    The digest is memoised on the :class:`ImageRef`, so it lives as long as the ref does (a
+    pair set's refs, say) and no longer. For a file it is keyed by (size, mtime_ns, ctime_ns,
+    inode): asking the same ref again is one ``stat``, and an edited file gets a new id.
     """
     ref = as_ref(ref)
+    memo = ref._id_memo
     if ref.data is not None:
-        if not ref._data_id:
-            ref._data_id.append(hashlib.sha256(ref.data).hexdigest())
-        return ref._data_id[0]
+        if not memo:
+            memo.append(hashlib.sha256(ref.data).hexdigest())
+        return memo[0]
     path = os.path.abspath(ref.path)
     try:
         st = os.stat(path)
         # ctime and inode change on every write and cannot be set back by a user, unlike mtime.
-        return _file_sha256(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if memo and memo[0][0] == key:
+            return memo[0][1]
+        digest = _file_sha256(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"{_where(ref, source)}: cannot read {path} ({_reason(exc)})") from None
+    memo[:] = [(key, digest)]
+    return digest
 
 
-@functools.lru_cache(maxsize=1 << 18)
-def _file_sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+def _file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):

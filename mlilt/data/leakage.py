@@ -48,11 +48,12 @@ import numpy as np
 
 from mlilt.data.images import ImageRef, image_id
 from mlilt.data.pairs import PairSet, read_pairs
+from mlilt.datasets import BENCHMARKS, load_benchmark
 from mlilt.errors import DataError, UsageError
 
 CANDIDATES = 20  # benchmark captions scored with chrF per training caption
 OVERLAP_FLOOR = 0.1  # 3-gram F2 overlap below this is never a candidate
-LEAK_BENCHMARKS = ("xm3600", "xtd10", "multi30k", "demo", "custom")
+LEAK_BENCHMARKS = (*BENCHMARKS, "demo", "custom")
 _CHUNK = 512  # training captions per sparse product, bounds memory to CHUNK x benchmark size
 
 
@@ -150,8 +151,6 @@ def _load(benchmark: str, root, lang: str, data) -> _Benchmark:
         raise UsageError(f"unknown benchmark {benchmark!r}; choose one of: {', '.join(LEAK_BENCHMARKS)}")
     if root is None:
         raise UsageError(f"benchmark {benchmark} needs root= (the folder holding it)")
-    from mlilt.datasets.benchmarks import load_benchmark
-
     rs = load_benchmark(benchmark, root, [lang], captions="all")[lang]
     return _Benchmark(list(rs.captions), list(rs.images), list(rs.image_keys))
 
@@ -267,7 +266,7 @@ def find_leaks(train: PairSet, benchmark: str, root: str | os.PathLike | None, l
     """Training pairs that leak ``benchmark``'s ``lang`` test captions or images.
 
     ``benchmark``: xm3600, xtd10, multi30k (``root`` holds it, as for
-    :func:`~mlilt.datasets.benchmarks.load_benchmark`; every caption is checked), ``demo``
+    :func:`~mlilt.datasets.load_benchmark`; every caption is checked), ``demo``
     (``root`` is a ``mlilt data demo`` folder; its ``<lang>/test.jsonl`` is the benchmark) or
     ``custom`` (``data``, or else ``root``, is a pairs file). Every training caption is checked,
     whatever its language, and every training image.

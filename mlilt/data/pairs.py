@@ -253,7 +253,9 @@ class _Collector:
         self.langs_seen: Counter[str] = Counter()
         self.rows_in_lang = 0  # rows that passed the language filter, valid or not
         self.first_problem: str | None = None
-        self.image_problems: dict[ImageRef, _RowError | None] = {}  # checked once per image
+        # ref -> (the first equal ref, its problem or None): each image is checked once, and the
+        # pairs of one image share one ref, so its content hash is computed once.
+        self.images: dict[ImageRef, tuple[ImageRef, _RowError | None]] = {}
 
     def add(self, where: str, record: Any, base: Path | None, columns: _Columns) -> None:
         try:
@@ -264,8 +266,7 @@ class _Collector:
             if self.lang and row_lang and row_lang.casefold() != self.lang.casefold():
                 return
             self.rows_in_lang += 1
-            ref = _image_ref(value, base, where)
-            self._check_image(ref)
+            ref = self._checked_image(_image_ref(value, base, where))
         except _RowError as problem:
             self._bad(where, problem)
             return
@@ -279,12 +280,14 @@ class _Collector:
         self.skipped[problem.reason] += 1
         self.first_problem = self.first_problem or message
 
-    def _check_image(self, ref: ImageRef) -> None:
-        if ref not in self.image_problems:
-            self.image_problems[ref] = _image_problem(ref, self.check_images)
-        problem = self.image_problems[ref]
+    def _checked_image(self, ref: ImageRef) -> ImageRef:
+        """The first ref equal to ``ref``, or _RowError if that image is not usable."""
+        if ref not in self.images:
+            self.images[ref] = (ref, _image_problem(ref, self.check_images))
+        first, problem = self.images[ref]
         if problem is not None:  # a fresh exception: re-raising one object grows its traceback
             raise _RowError(problem.reason, problem.message)
+        return first
 
     def finish(self) -> PairSet:
         if self.pairs:

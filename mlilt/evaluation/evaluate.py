@@ -46,7 +46,7 @@ def benchmark_sets(benchmark: str, root: str | None, langs: list[str], captions:
     if benchmark == "zeroshot":
         from mlilt.evaluation.zeroshot import load_zeroshot
         return {lang: load_zeroshot(_need(root, "--root"), lang) for lang in langs}
-    from mlilt.datasets.benchmarks import load_benchmark
+    from mlilt.datasets import load_benchmark
     return load_benchmark(benchmark, _need(root, "--root"), langs, captions=captions)
 
 
@@ -60,7 +60,7 @@ def available_languages(benchmark: str, root: str | None, data: str | None) -> l
     if benchmark == "zeroshot":
         from mlilt.evaluation.zeroshot import zeroshot_languages
         return zeroshot_languages(_need(root, "--root"))
-    from mlilt.datasets.benchmarks import benchmark_languages
+    from mlilt.datasets import benchmark_languages
     return benchmark_languages(benchmark)
 
 
@@ -123,7 +123,7 @@ def _pairs_set(benchmark: str, path: Path, lang: str) -> PairsRetrievalSet:
 
 
 def pairs_retrieval_set(benchmark: str, pairs, lang: str) -> PairsRetrievalSet:
-    from mlilt.training.trainer import Split
+    from mlilt.training.split import Split
 
     split = Split.from_pairs(pairs)
     return PairsRetrievalSet(benchmark, lang, split.images, split.captions, split.caption_image)
