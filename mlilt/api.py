@@ -18,7 +18,8 @@ from torch import nn
 from mlilt.data.feature_cache import tower_features
 from mlilt.errors import PackError, UsageError
 from mlilt.modeling.encode import encode_texts
-from mlilt.modeling.factory import image_side_of, text_side_of
+from mlilt.modeling.factory import image_side_of
+from mlilt.speed import text_side_of
 from mlilt.modeling.model import SideEncoder
 from mlilt.packs import Pack, PackConfig, read_pack
 

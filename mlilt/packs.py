@@ -16,6 +16,7 @@ import re
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -23,13 +24,26 @@ from safetensors.torch import load, save
 
 from mlilt.files import atomic
 from mlilt.errors import PackError, UsageError
-from mlilt.modeling.model import ContrastiveModel, image_side_id
+
+if TYPE_CHECKING:  # packs sit below modeling: the model is only passed in
+    from mlilt.modeling.model import ContrastiveModel
 
 PACK_CONFIG = "langpack.json"
 PACK_TENSORS = "langpack.safetensors"
 FORMAT_VERSION = 1
 PACKS_ENV = "MLILT_PACKS"
 INDEX_FILE = "index.json"
+
+
+def image_side_id(tower_fingerprint: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Identity of an image embedding space: the tower plus every image-side tensor."""
+    digest = hashlib.sha256(tower_fingerprint.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
 
 
 @dataclass

@@ -66,11 +66,7 @@ def tiny_cnn_towers():
 
 
 def _registered(text, image):
-    from mlilt.towers import registry
+    from mlilt.towers.registry import registered
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(registry._registered_text, text.spec, None)
-        patch.setitem(registry._loaded, ("image", image.spec), None)
-        registry.register_tower(text)
-        registry.register_tower(image)
+    with registered(text, image):
         yield {"text": text, "image": image}

@@ -60,6 +60,19 @@ def test_another_seed_gives_other_tensors(towers, demo, tmp_path):
     assert (first / PACK_TENSORS).read_bytes() != (other / PACK_TENSORS).read_bytes()
 
 
+def test_training_leaves_the_callers_rng_as_it_was_and_does_not_depend_on_it(towers, demo, tmp_path):
+    """The seed alone decides the pack: a caller's draws before train() change nothing in it,
+    and the caller's RNG continues after train() where it stood before."""
+    torch.manual_seed(123)
+    torch.rand(5)
+    before = torch.get_rng_state()
+    first = _train(demo, tmp_path / "a", tmp_path / "cache")
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(7)  # another state going in
+    second = _train(demo, tmp_path / "b", tmp_path / "cache")
+    assert (first / PACK_TENSORS).read_bytes() == (second / PACK_TENSORS).read_bytes()
+
+
 def test_tensor_bytes_do_not_depend_on_hash_order():
     """safetensors writes its metadata map in hash order, which changes from one call to the
     next (and between processes); the pack writer's bytes must not."""

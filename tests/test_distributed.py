@@ -167,3 +167,24 @@ def test_resume_a_killed_two_process_run_gives_the_uninterrupted_pack(tiny_vit_t
     assert not (out / PACK_CONFIG).exists()
     _torchrun(tmp_path, {**settings, "out": str(out), "resume": True})
     _assert_same_run(reference, out)
+
+
+def test_setup_picks_the_gpu_without_making_it_current(monkeypatch):
+    """One process on a CUDA machine: the device is handed out, never set process-wide."""
+    from mlilt.training import distributed
+
+    def refuse(*args):
+        raise AssertionError("setup() set the process's current CUDA device")
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", refuse)
+    ranks = distributed.setup()
+    assert ranks.device == torch.device("cuda:1") and ranks.world == 1
+    with ranks.worker_scope():  # one process: nothing to make current
+        pass
+    two = distributed.Ranks(rank=1, world=2, local_rank=1, device=torch.device("cpu"))
+    with two.worker_scope():  # CPU processes: nothing either
+        pass

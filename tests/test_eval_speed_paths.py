@@ -18,7 +18,7 @@ from mlilt.modeling.encode import TokenizedTexts, encode_texts
 from mlilt.evaluation.evaluate import PairsRetrievalSet
 from mlilt.evaluation.runner import ImageSpace, evaluate_sets
 from mlilt.modeling.model import SideEncoder
-from mlilt.towers.text import HFTextTower
+from mlilt.towers.hf_text import HFTextTower
 from tiny_towers import tiny_text_tower, tiny_timm_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id
-from mlilt.towers.image import TimmImageTower
+from mlilt.towers.timm_vision import TimmImageTower
 from mlilt.towers.preprocess import ImagePreprocess
 from tiny_towers import PREPROCESS, tiny_timm_cnn
 

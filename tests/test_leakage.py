@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from mlilt.cli import app
 from mlilt.demo.data import generate_demo
-from mlilt.data.leakage import candidates, exclude_leaks, find_leaks
+from mlilt.datasets.leakage import candidates, exclude_leaks, find_leaks
 from mlilt.data.pairs import read_pairs
 from mlilt.errors import UsageError
 from test_benchmarks import XM_KEYS, _write_xm3600

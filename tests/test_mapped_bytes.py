@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from mlilt.files.mapped_bytes import CHUNK, tensor_bytes
 from mlilt.towers.base import weights_fingerprint
-from mlilt.speed.mapped_bytes import CHUNK, tensor_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux memory maps")
 

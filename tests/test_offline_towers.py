@@ -293,3 +293,27 @@ def test_effnet_heads():
     with torch.no_grad():
         assert offline.effnet_lite0(num_classes=0)(x).shape == (1, offline.EFFNET_LITE0_FEATURES)
         assert offline.effnet_lite0(num_classes=7)(x).shape == (1, 7)
+
+
+# --------------------------------------------------------------------------- the towers (slow)
+
+
+@pytest.mark.slow
+def test_effnet_tower_takes_timms_preprocessing_without_a_crop_margin():
+    from mlilt.towers.registry import load_image_tower
+
+    tower = load_image_tower("effnet-lite0")
+    prep = tower.preprocess
+    size = offline.EFFNET_LITE0_INPUT_SIZE
+    assert (prep.resize, prep.crop) == (size, size)  # crop_pct 1.0: the crop is the resized image
+    assert (prep.mean, prep.std, prep.interpolation) == (offline.EFFNET_LITE0_MEAN, offline.EFFNET_LITE0_STD, "bicubic")
+    assert tower.width == offline.EFFNET_LITE0_FEATURES
+
+
+@pytest.mark.slow
+def test_me5_tower_takes_pooling_and_prefix_from_its_folder(me5_dir):
+    from mlilt.towers.registry import load_text_tower
+
+    info = json.loads((me5_dir / "mlilt_tower.json").read_text())
+    tower = load_text_tower("me5-small")
+    assert (tower.pooling, tower.prefix) == (info["pooling"], info["query_prefix"])

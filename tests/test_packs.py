@@ -12,13 +12,12 @@ import datetime as dt
 import json
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import mlilt
 import mlilt.training.trainer as train_module
@@ -27,10 +26,10 @@ from mlilt.demo.data import generate_demo
 from mlilt.data.pairs import read_pairs
 from mlilt.modeling.encode import encode_texts
 from mlilt.errors import PackError, UsageError
-from mlilt.modeling.model import ContrastiveModel, SideEncoder, image_side_id
-from mlilt.packs import FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, read_pack, save_pack
-from mlilt.towers import registry
-from mlilt.towers.registry import register_tower
+from mlilt.modeling.model import ContrastiveModel, SideEncoder
+from mlilt.packs import (FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, image_side_id, read_pack,
+                         save_pack)
+from mlilt.towers.registry import registered
 from mlilt.training.trainer import train
 from mlilt.training.config import TrainConfig
 from tiny_towers import tiny_text_tower, tiny_timm_vit
@@ -53,12 +52,7 @@ def towers():
     """The tiny towers, registered under their specs for this module; restored afterwards."""
     text, image = tiny_text_tower(), tiny_timm_vit()
     assert (text.spec, image.spec) == (TEXT_SPEC, IMAGE_SPEC)
-    with pytest.MonkeyPatch.context() as mp:
-        # record whatever was registered before (other modules register towers too) ...
-        mp.setitem(registry._registered_text, TEXT_SPEC, None)
-        mp.setitem(registry._loaded, ("image", IMAGE_SPEC), None)
-        register_tower(text)  # ... then register through the public function
-        register_tower(image)
+    with registered(text, image):  # whatever was registered under these specs comes back after
         yield {"text": text, "image": image}
 
 
@@ -182,12 +176,11 @@ def test_random_method_tensors_round_trip(towers, tmp_path, images, method):
 # --------------------------------------------------------------------------- other towers
 
 
-def test_pack_on_another_text_tower_is_refused(sw, monkeypatch):
+def test_pack_on_another_text_tower_is_refused(sw):
     path, model, config = sw
     other = tiny_text_tower(seed=1)
     other.spec = TEXT_SPEC  # same name, other weights
-    monkeypatch.setitem(registry._registered_text, TEXT_SPEC, other.freeze())
-    with pytest.raises(PackError) as error:
+    with registered(other), pytest.raises(PackError) as error:
         mlilt.load(path)
     message = str(error.value)
     recorded = config.towers["text"]["fingerprint"]
@@ -196,15 +189,15 @@ def test_pack_on_another_text_tower_is_refused(sw, monkeypatch):
     assert f"text tower {TEXT_SPEC!r}" in message and str(path) in message
 
 
-def test_pack_on_another_image_tower_is_refused(sw, monkeypatch):
+def test_pack_on_another_image_tower_is_refused(sw):
     path, _, config = sw
     other = tiny_timm_vit()
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)  # one weight nudged: a different tower
-    monkeypatch.setitem(registry._loaded, ("image", IMAGE_SPEC), other.freeze())
-    model = mlilt.load(path)  # the text side is fine; the image side is checked when first built
-    with pytest.raises(PackError) as error:
-        model.encode_image([Image.new("RGB", (32, 32))])
+    with registered(other):
+        model = mlilt.load(path)  # the text side is fine; the image side is checked when first built
+        with pytest.raises(PackError) as error:
+            model.encode_image([Image.new("RGB", (32, 32))])
     message = str(error.value)
     assert config.towers["image"]["fingerprint"][:12] in message and other.fingerprint()[:12] in message
     assert f"image tower {IMAGE_SPEC!r}" in message

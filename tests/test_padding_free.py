@@ -19,7 +19,9 @@ from mlilt.modeling.encode import TokenizedTexts
 from mlilt.speed import packed
 from mlilt.speed.packed import Packing, why_not_packable
 from mlilt.modeling import encode
-from mlilt.training.trainer import Split, TextSource, train
+from mlilt.data.split import Split
+from mlilt.training.sources import TextSource
+from mlilt.training.trainer import train
 from mlilt.training.config import TrainConfig
 from test_training_speed_paths import _saved_bytes
 from tiny_towers import tiny_text_tower, tiny_xlmr_text_tower

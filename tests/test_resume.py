@@ -20,7 +20,7 @@ from mlilt.cli import app
 from mlilt.demo.data import generate_demo
 from mlilt.packs import PACK_CONFIG, PACK_TENSORS
 from mlilt.towers.registry import register_tower
-from mlilt.training.trainer import train
+from mlilt.training import Callback, train
 from mlilt.training.config import TrainConfig
 from tiny_towers import tiny_text_tower, tiny_timm_cnn
 
@@ -173,17 +173,14 @@ def test_checkpoint_without_resume_is_replaced(data, tmp_path):
 
 def test_checkpoint_every_zero_writes_no_checkpoint_and_the_same_pack(data, tmp_path):
     """Studies of short runs turn checkpoints off; training itself is unchanged."""
-    import mlilt.training.checkpoint as checkpoints
-
     written = []
-    original = checkpoints.save_checkpoint
-    try:
-        import mlilt.training.trainer as training
-        training.save_checkpoint = lambda *a, **k: written.append(a) or original(*a, **k)
-        without = train(_config(data, tmp_path / "none", checkpoint_every=0))
-        assert written == [] and not checkpoint_dir(tmp_path / "none").exists()
-        with_checkpoints = train(_config(data, tmp_path / "some"))
-        assert written  # the same wrapper does see checkpoints when they are on
-    finally:
-        training.save_checkpoint = original
+
+    class Written(Callback):
+        def on_checkpoint(self, state):
+            written.append(state.step)
+
+    without = train(_config(data, tmp_path / "none", checkpoint_every=0), callbacks=[Written()])
+    assert written == [] and not checkpoint_dir(tmp_path / "none").exists()
+    with_checkpoints = train(_config(data, tmp_path / "some"), callbacks=[Written()])
+    assert written  # the same callback does hear checkpoints when they are on
     assert (without.pack / PACK_TENSORS).read_bytes() == (with_checkpoints.pack / PACK_TENSORS).read_bytes()

@@ -21,6 +21,10 @@ import pytest
 SNAPSHOT = textwrap.dedent('''
     import json, logging, os, random, sys, warnings
     import numpy, timm, torch, torchvision, transformers
+    # imported lazily on the way; at import they add warning filters (scipy, urllib3,
+    # transformers.optimization) or draw from Python's RNG (rich.progress)
+    import rich.progress, scipy.optimize, scipy.sparse, scipy.special, urllib3, transformers.optimization
+    import accelerate, sacrebleu, datasets
     from transformers.utils import logging as hf_logging
 
     def _umask():

@@ -1,19 +1,25 @@
 """Towers load from the folders users have: a saved Hugging Face text model, a
 sentence-transformers folder, a saved Hugging Face vision model. Fingerprints see weights,
-config and tokenizer."""
+config and tokenizer. Specs resolve to one family each; loading leaves transformers' settings
+as it found them; loaded towers live while a model uses them."""
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
 from PIL import Image
 from transformers import ViTImageProcessor
+from transformers.utils import logging as hf_logging
 
-from mlilt.errors import MliltError
-from mlilt.towers.registry import load_image_tower, load_text_tower
-from mlilt.towers.text import HFTextTower
-from tiny_towers import save_tiny_text_tower, tiny_hf_vit, tiny_text_tower
+from mlilt.errors import MliltError, UsageError
+from mlilt.modeling.factory import build_sides
+from mlilt.towers import registry
+from mlilt.towers.hf_text import HFTextTower
+from mlilt.towers.registry import load_image_tower, load_text_tower, registered, resolve
+from tiny_towers import save_tiny_text_tower, tiny_hf_vit, tiny_text_tower, tiny_timm_vit
 
 
 @pytest.fixture
@@ -60,6 +66,7 @@ def test_hf_vision_tower_from_a_local_folder_uses_its_processor_config(tmp_path)
     assert pixels.shape == (1, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(tower(pixels), original(pixels), atol=1e-6)
+    assert tower.fingerprint() == load_image_tower("hf:" + str(folder)).fingerprint()  # no fresh random pooler
 
 
 def test_unreachable_hub_name_is_a_clear_error():
@@ -87,3 +94,74 @@ def test_towers_stay_in_eval_mode():
     tower = tiny_text_tower()
     tower.train()
     assert not tower.training and not any(m.training for m in tower.modules())
+
+
+@pytest.mark.parametrize("spec, side, family, name", [
+    ("me5-small", "text", "embedded", "me5-small"),
+    ("effnet-lite0", "image", "embedded", "effnet-lite0"),
+    ("hf:xlm-roberta-base", "text", "hf", "xlm-roberta-base"),
+    ("xlm-roberta-base", "text", "hf", "xlm-roberta-base"),
+    ("timm:vit_base_patch16_224", "image", "timm", "vit_base_patch16_224"),
+    ("vit_base_patch16_224", "image", "timm", "vit_base_patch16_224"),
+    ("open_clip:ViT-B-32:openai", "image", "open_clip", "ViT-B-32:openai"),
+    ("ViT-B-32:openai", "image", "open_clip", "ViT-B-32:openai"),
+    ("hf:facebook/deit-base-patch16-224", "image", "hf", "facebook/deit-base-patch16-224"),
+    ("facebook/deit-base-patch16-224", "image", "hf", "facebook/deit-base-patch16-224"),
+])
+def test_every_spec_resolves_to_one_family(spec, side, family, name):
+    resolved = resolve(spec, side)
+    assert (resolved.family, resolved.name) == (family, name)
+
+
+def test_e5_names_get_the_query_prefix_and_unknown_prefixes_name_the_accepted_ones():
+    assert resolve("intfloat/multilingual-e5-base", "text").text_prefix == "query: "
+    assert resolve("xlm-roberta-base", "text").text_prefix == ""
+    with pytest.raises(UsageError, match=r"unknown prefix 'timm:'; tower specs: me5-small, hf:NAME"):
+        load_text_tower("timm:resnet50")
+
+
+def test_a_folders_own_prompt_sets_the_prefix(saved_text_model, tmp_path):
+    _, folder = saved_text_model
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "query: "}}))
+    assert load_text_tower(str(folder)).prefix == "query: "
+    assert load_text_tower(str(folder), prefix="").prefix == ""
+
+
+def test_loading_restores_transformers_verbosity_and_progress_bars(saved_text_model):
+    _, folder = saved_text_model
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.set_verbosity_info()
+        hf_logging.enable_progress_bar()
+        load_text_tower(str(folder), max_length=16)
+        assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+
+
+def test_loaded_towers_are_shared_while_a_model_holds_them_and_freed_after(saved_text_model):
+    _, folder = saved_text_model
+    first = build_sides({"text": load_text_tower(str(folder), max_length=24)}, "ln", 8)[0]["text"]
+    second = build_sides({"text": load_text_tower(str(folder), max_length=24)}, "ln", 8)[0]["text"]
+    shared = first.tower.shared_from.tower
+    assert second.tower.shared_from.tower is shared  # two models alive at once: one tower
+    assert next(first.tower.model.parameters()) is next(shared.model.parameters())
+    assert load_text_tower(str(folder), max_length=24) is shared
+    freed = weakref.ref(shared)
+    del first, second, shared
+    gc.collect()
+    assert freed() is None  # no model holds it: the registry does not keep it
+
+
+def test_registered_towers_come_back_as_they_were():
+    outer, inner, image = tiny_text_tower(seed=0), tiny_text_tower(seed=1), tiny_timm_vit()
+    outer.spec = inner.spec = "registered-text"  # specs no other test registers
+    image.spec = "registered-image"
+    with registered(outer, image):
+        assert load_text_tower(outer.spec) is outer and load_image_tower(image.spec) is image
+        with registered(inner):
+            assert load_text_tower(outer.spec) is inner
+        assert load_text_tower(outer.spec) is outer
+    assert registry.unregister_tower("text", outer.spec) is None  # nothing was registered before
+    assert registry.unregister_tower("image", image.spec) is None

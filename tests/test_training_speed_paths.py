@@ -29,8 +29,9 @@ from mlilt.modeling.encode import length_groups, run_in_length_groups
 from mlilt.speed.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
 from mlilt.modeling.model import SideEncoder
 from mlilt.packs import PACK_TENSORS
-from mlilt.training.trainer import Split, TextSource, train
-from mlilt.training.config import TrainConfig
+from mlilt.training import Callback, TrainConfig, train
+from mlilt.training.sources import TextSource
+from mlilt.data.split import Split
 from tiny_towers import IMAGE_TOWERS, tiny_text_tower, tiny_timm_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -347,28 +348,27 @@ def test_frozen_weights_cast_once_give_autocasts_own_bf16_result():
 def test_steps_that_run_the_image_tower_hand_free_heap_memory_back_first(tiny_cnn_towers, tmp_path, monkeypatch):
     """Unanchored: before every step (its image activations are large); anchored: never
     (text-only steps would fault the same memory in again)."""
-    import mlilt.training.trainer as training
+    import mlilt.training.step as step_module
 
     generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
     calls = {"trims": 0, "steps": 0}
-    trim, step = training.return_free_memory, training._step
+    trim = step_module.return_free_memory
 
     def counted_trim():
         calls["trims"] += 1
         return trim()
 
-    def counted_step(*args, **kwargs):
-        calls["steps"] += 1
-        return step(*args, **kwargs)
+    class CountSteps(Callback):
+        def on_step_end(self, info):
+            calls["steps"] += 1
 
-    monkeypatch.setattr(training, "return_free_memory", counted_trim)
-    monkeypatch.setattr(training, "_step", counted_step)
+    monkeypatch.setattr(step_module, "return_free_memory", counted_trim)
     counts = {}
     for name, anchor in (("unanchored", None), ("anchored", str(tmp_path / "unanchored"))):
         calls.update(trims=0, steps=0)
         train(TrainConfig(lang="sw", data=str(tmp_path / "data" / "sw" / "train.jsonl"), out=str(tmp_path / name),
                           text_tower="tiny-bert-0", image_tower="tiny-timm-cnn", embed_dim=16, epochs=2,
-                          batch_size=8, method="ln", anchor=anchor, checkpoint_every=0))
+                          batch_size=8, method="ln", anchor=anchor, checkpoint_every=0), callbacks=[CountSteps()])
         counts[name] = dict(calls)
     assert counts["unanchored"]["steps"] >= 4 and counts["unanchored"]["trims"] == counts["unanchored"]["steps"]
     assert counts["anchored"]["steps"] >= 4 and counts["anchored"]["trims"] == 0

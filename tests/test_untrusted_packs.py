@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 import mlilt
 from mlilt.modeling.factory import build_sides
 from mlilt.errors import PackError
-from mlilt.modeling.model import ContrastiveModel, image_side_id
-from mlilt.packs import FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, read_pack, save_pack
-from mlilt.towers.registry import TowerLoadError
+from mlilt.modeling.model import ContrastiveModel
+from mlilt.packs import (FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, image_side_id, read_pack,
+                         save_pack)
+from mlilt.errors import TowerLoadError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

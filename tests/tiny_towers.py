@@ -1,4 +1,5 @@
-"""Tiny random towers of every family (2 layers, width 32), built inside the tests."""
+"""Tiny random towers of every family (2 layers, width 32), built inside the tests. The text
+towers run padding-free, as training and serving copies do."""
 from __future__ import annotations
 
 import torch
@@ -6,9 +7,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (BertConfig, BertModel, PreTrainedTokenizerFast, ViTConfig, ViTModel, XLMRobertaConfig,
                           XLMRobertaModel)
 
-from mlilt.towers.image import HFVisionTower, OpenClipImageTower, TimmImageTower
+from mlilt.speed.packed import PADDING_FREE
+from mlilt.towers.hf_text import HFTextTower
+from mlilt.towers.hf_vision import HFVisionTower
+from mlilt.towers.open_clip_vision import OpenClipImageTower
 from mlilt.towers.preprocess import ImagePreprocess
-from mlilt.towers.text import HFTextTower
+from mlilt.towers.timm_vision import TimmImageTower
 
 WORDS = ("a large small red blue green yellow circle square triangle star left right top bottom and "
          "kubwa ndogo nyekundu bluu duara mraba na").split()
@@ -31,7 +35,7 @@ def tiny_text_tower(seed: int = 0) -> HFTextTower:
     config = BertConfig(vocab_size=len(WORDS) + 4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
     return HFTextTower(f"tiny-bert-{seed}", BertModel(config, add_pooling_layer=False), tiny_tokenizer(),
-                       max_length=32).freeze()
+                       max_length=32, runner=PADDING_FREE).freeze()
 
 
 def tiny_xlmr_text_tower(seed: int = 0, pooling: str = "mean") -> HFTextTower:
@@ -41,7 +45,7 @@ def tiny_xlmr_text_tower(seed: int = 0, pooling: str = "mean") -> HFTextTower:
     config = XLMRobertaConfig(vocab_size=len(WORDS) + 4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                               intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
     return HFTextTower(f"tiny-xlmr-{seed}", XLMRobertaModel(config, add_pooling_layer=False), tiny_tokenizer(),
-                       pooling=pooling, max_length=32).freeze()
+                       pooling=pooling, max_length=32, runner=PADDING_FREE).freeze()
 
 
 def save_tiny_text_tower(folder) -> HFTextTower:

@@ -8,8 +8,9 @@
 Training uses tiny random towers from ``tests/tiny_towers.py`` (the check is about the loop's
 memory and cost, not about learning) on generated demo pairs (32 px) with the image side
 frozen, so image features come from the feature cache. It runs through the public
-``mlilt.training.trainer.train`` with a console that marks each epoch's end (the "epoch N:" line the
-loop prints), so every epoch gets its own memory window.
+``mlilt.training.train`` with a training callback that closes a memory window when the
+first step is next ("setup": data, model, image features, the first validation) and at each
+epoch's end, so every epoch gets its own memory window.
 
 Memory is the process's resident set from ``/proc/self/status``: the peak of a window is
 ``VmHWM`` after resetting it at the window's start (``/proc/self/clear_refs``, exact), and a
@@ -29,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks" / "perf")]  # mlilt from this checkout; the tiny towers
@@ -81,27 +81,19 @@ class MemoryWindows:
         self._thread.join()
 
 
-class EpochConsole(Console):
-    """A silent console that closes a memory window whenever the training loop reports an epoch.
+def epoch_windows(windows: MemoryWindows):
+    """A training callback that closes the "setup" window before the first step and an
+    "epoch N" window at the end of each epoch (after its validation)."""
+    from mlilt.training import Callback
 
-    Every progress bar the loop opens before training (image features) closes a "setup"
-    window, so "epoch 1" starts when the training bar does.
-    """
+    class EpochWindows(Callback):
+        def on_fit_start(self, state):
+            windows.mark("setup")
 
-    def __init__(self, windows: MemoryWindows):
-        super().__init__(file=open(os.devnull, "w"), width=120)
-        self.windows = windows
+        def on_epoch_end(self, row):
+            windows.mark(f"epoch {row['epoch']}")
 
-    def set_live(self, live) -> bool:
-        self.windows.mark("setup")
-        return super().set_live(live)
-
-    def print(self, *objects, **kwargs) -> None:
-        text = objects[0] if objects and isinstance(objects[0], str) else ""
-        match = re.match(r"epoch (\d+):", text)
-        if match:
-            self.windows.mark(f"epoch {match.group(1)}")
-        super().print(*objects, **kwargs)
+    return EpochWindows()
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,21 +137,20 @@ def subset(train_file: Path, lines: int) -> Path:
 # Training
 
 
-def train_tiny(data: Path, out: Path, epochs: int, holdout: int, console=None):
-    from mlilt.training.trainer import train
-    from mlilt.training.config import TrainConfig
+def train_tiny(data: Path, out: Path, epochs: int, holdout: int, callbacks=()):
+    from mlilt.training import TrainConfig, train
 
     config = TrainConfig(lang="sw", data=str(data), out=str(out), text_tower="tiny-bert-0",
                          image_tower="tiny-timm-cnn", method="ln@text", epochs=epochs, batch_size=256,
                          holdout=holdout, overwrite=True)
-    return train(config, console=console)
+    return train(config, callbacks=callbacks)
 
 
 def epochs_table(root: Path, pairs: int, epochs: int, holdout: int) -> None:
     """Peak RSS within each epoch, and RSS at its end, training on ``pairs`` pairs."""
     data = subset(demo_pairs(root, pairs + holdout), pairs + holdout)
     windows = MemoryWindows()
-    result = train_tiny(data, root / f"pack_{pairs}", epochs, holdout, console=EpochConsole(windows))
+    result = train_tiny(data, root / f"pack_{pairs}", epochs, holdout, callbacks=[epoch_windows(windows)])
     windows.mark("save")
     windows.close()
     seconds = {f"epoch {row['epoch']}": row["seconds"] for row in result.history if "seconds" in row}
@@ -187,7 +178,7 @@ def scaling_table(root: Path, sizes: list[int], epochs: int, holdout: int) -> No
     for pairs in sizes:
         windows = MemoryWindows()
         result = train_tiny(subset(train_file, pairs + holdout), root / f"pack_{pairs}", epochs, holdout,
-                            console=EpochConsole(windows))
+                            callbacks=[epoch_windows(windows)])
         windows.close()
         wall = [row["seconds"] for row in result.history if "seconds" in row]  # epoch 0: validation only
         cpu = [windows.rows[f"epoch {e}"]["cpu"] for e in range(1, epochs + 1)]

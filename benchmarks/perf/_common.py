@@ -57,7 +57,7 @@ def _cpu_flags() -> set[str]:
 def scratch_dir(prefix: str, given: str | None = None) -> Path:
     """The run's work folder: ``given`` (the user's, kept), else a new temporary one, removed
     when the run ends by any means short of being killed. A run leaves demo data, feature
-    caches and packs there, up to 2 GB; the runs of sessions 4-10 had left 57 GB in /tmp."""
+    caches and packs there, up to 2 GB."""
     if given:
         return Path(given)
     work = Path(tempfile.mkdtemp(prefix=prefix))

@@ -2,7 +2,7 @@
 
     python benchmarks/perf/eval_languages.py [--images 600] [--pack langpacks/sw]
 
-Issue 6, target 3. A synthetic tree in XM3600's real layout (``<root>/xm3600/captions.jsonl``
+A synthetic tree in XM3600's real layout (``<root>/xm3600/captions.jsonl``
 and ``<root>/xm3600/images/<16 hex>.jpg``; demo scenes as JPEGs, two demo-style captions per
 image in every one of the 36 languages, drawn from the demo lexicons in turn) is evaluated
 with one pack on every language, two ways, each in its own process with a cold feature cache:
@@ -87,7 +87,8 @@ def run_clip_benchmark_style(args) -> dict:
     """Child: each language on its own, as CLIP_benchmark evaluates a model."""
     import torch
 
-    from mlilt.modeling.factory import image_side_of, text_side_of
+    from mlilt.modeling.factory import image_side_of
+    from mlilt.speed import text_side_of
     from mlilt.datasets import XM3600_LANGUAGES, load_benchmark
     from mlilt.evaluation.retrieval import retrieval_metrics
     from mlilt.packs import read_pack
@@ -114,7 +115,8 @@ def run_clip_benchmark_style(args) -> dict:
 
 def _load_towers(pack_path: str):
     """Load the pack's towers before the clock starts (both sides); their call counters."""
-    from mlilt.modeling.factory import image_side_of, text_side_of
+    from mlilt.modeling.factory import image_side_of
+    from mlilt.speed import text_side_of
     from mlilt.packs import read_pack
 
     pack = read_pack(pack_path)

@@ -4,10 +4,10 @@ allocator setting (and, optionally, per checkout of mlilt).
     python benchmarks/perf/kernel_time.py [--method ln] [--anchor PACK] [--settings 16M,4M,heap]
                                           [--trees PATH,...] [--pairs 500] [--repeats 2]
 
-Each (checkout, setting) runs in its own process: one epoch of ``mlilt.training.trainer.train`` on the
+Each (checkout, setting) runs in its own process: one epoch of ``mlilt.training.train`` on the
 demo pairs, batch 32, one torch thread; each step's user and system CPU seconds and minor
-page faults (``getrusage``) are taken, and the median after the first two steps is reported
-with the process's peak resident set (VmHWM). The settings run in alternating order over
+page faults (``getrusage``, taken by a training callback) are recorded, and the median after
+the first two steps is reported with the process's peak resident set (VmHWM). The settings run in alternating order over
 ``--repeats`` so a noisy minute does not fall on one of them only.
 
 Settings: ``16M`` is mlilt's own (huge pages, glibc mmap threshold 16 MiB); ``4M``/``2M``/...
@@ -38,27 +38,31 @@ def run_setting(args) -> dict:
     """Child: one epoch with this allocator setting; per-step rusage deltas."""
     sys.path.insert(0, args.tree)  # this checkout's mlilt, before the installed one
     if args.setting != "heap":
-        os.environ["MLILT_MALLOC"] = "huge-pages"  # train() then leaves the threshold set here alone
+        os.environ["MLILT_MALLOC"] = "huge-pages"  # tune_allocator: huge pages; the threshold is set below
     from mlilt.speed.allocator import fix_mmap_threshold, tune_allocator
     tune_allocator()
     if args.setting != "heap":
         fix_mmap_threshold(parse_size(args.setting.split("/")[0]))
     import mlilt
-    import mlilt.training.trainer as training
+    from mlilt.training import Callback, train
 
-    step, deltas = training._step, []
+    class StepUsage(Callback):
+        """Each step's user and system CPU seconds and minor page faults."""
 
-    def measured_step(*a, **kw):
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        out = step(*a, **kw)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        deltas.append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
-                       after.ru_minflt - before.ru_minflt))
-        return out
+        def __init__(self):
+            self.deltas: list[tuple[float, float, int]] = []
 
-    training._step = measured_step
-    config = one_epoch_config(args.pairs_file, args.work, args.method, args.anchor)
-    training.train(config)
+        def on_step_start(self, info):
+            self.before = resource.getrusage(resource.RUSAGE_SELF)
+
+        def on_step_end(self, info):
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            self.deltas.append((after.ru_utime - self.before.ru_utime, after.ru_stime - self.before.ru_stime,
+                                after.ru_minflt - self.before.ru_minflt))
+
+    usage = StepUsage()
+    train(one_epoch_config(args.pairs_file, args.work, args.method, args.anchor), callbacks=[usage])
+    deltas = usage.deltas
     steady = deltas[2:] or deltas
     user, system, faults = (statistics.median(column) for column in zip(*steady))
     return {"mlilt": str(Path(mlilt.__file__).parent.parent), "user_s": user, "sys_s": system, "faults": faults,

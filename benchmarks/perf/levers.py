@@ -13,7 +13,7 @@ On the offline towers, one process, one torch thread, CPU seconds (median of ``-
 * text: the text tower with ``ln+adapter`` over random batches of demo captions (as training
   draws them), forward and backward, in fp32 and under bf16 autocast (math attention kernel, as
   ``--bf16`` trains): padded in length groups (the model's own forward) against padding-free
-  (``towers/packed.py``) in length groups (as training runs it) and in one call per batch, and
+  (``speed/packed.py``) in length groups (as training runs it) and in one call per batch, and
   (one profiled run each) the share of that time spent in matrix products and their GFLOP/s.
 """
 from __future__ import annotations

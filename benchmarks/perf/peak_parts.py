@@ -3,7 +3,7 @@
     python benchmarks/perf/peak_parts.py [--method ln] [--anchor PACK] [--pairs 200] [--live]
 
 One process, one torch thread, the offline towers, demo pairs, batch 32, one epoch of
-``mlilt.training.trainer.train`` as ``mlilt train`` runs it. Prints the resident set (anonymous and
+``mlilt.training.train`` as ``mlilt train`` runs it. Prints the resident set (anonymous and
 file-backed: weights memory-mapped from their file are file-backed) after the imports, after
 each tower is loaded, once the model is built (fingerprints, trained copies) and at the start
 of the first step; then, per step, the bytes autograd keeps for the backward pass of each side
@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (demo_data, machine, one_epoch_config, peak_rss_mb, reset_peak_rss, scratch_dir,  # noqa: E402
                      status_mb, table)
 
+from mlilt.training.callbacks import Callback  # noqa: E402
+
 
 def resident() -> list[str]:
     return [f"{status_mb('VmRSS'):,.0f}", f"{status_mb('RssAnon'):,.0f}", f"{status_mb('RssFile'):,.0f}"]
@@ -38,13 +40,13 @@ def main() -> None:
     args = parser.parse_args()
     from mlilt.speed.allocator import OPT_OUT, fix_mmap_threshold, tune_allocator
     if args.live:
-        os.environ[OPT_OUT] = "huge-pages"  # train() then leaves the threshold set here alone
+        os.environ[OPT_OUT] = "huge-pages"  # tune_allocator below: huge pages, this threshold kept
         fix_mmap_threshold(128 * 1024)
     tune_allocator()  # as the mlilt command does
     stages = [["python and imports"] + resident()]
     import torch
     torch.set_num_threads(1)
-    import mlilt.training.trainer as training
+    from mlilt.training import train
     from mlilt.towers.registry import load_image_tower, load_text_tower
 
     work = scratch_dir("mlilt-peak-")
@@ -56,9 +58,10 @@ def main() -> None:
     stages.append(["+ text tower (tokenizer; weights memory-mapped, unread)"] + resident())
     load_image_tower(config.image_tower)  # train() reuses both
     stages.append(["+ image tower"] + resident())
-    steps = watch(training, stages)
+    watch = Watch(stages)
     reset_peak_rss()
-    training.train(config)
+    train(config, callbacks=[watch])
+    steps = watch.steps
     print(f"machine: {machine()}; {args.method}{' anchored' if args.anchor else ''}; batch 32; "
           f"{'--live: glibc mmap threshold 128 KiB' if args.live else 'allocator as mlilt sets it'}\n")
     print(table(["stage", "resident MB", "anonymous MB", "file-backed MB"], stages), "\n")
@@ -66,48 +69,39 @@ def main() -> None:
     print(f"\npeak resident: {peak_rss_mb():,.0f} MB")
 
 
-def watch(training, stages: list[list[str]]) -> list[list[str]]:
-    """Wrap train()'s model building and steps to record what each holds."""
-    import torch
+class Watch(Callback):
+    """Records the resident set once the model is built, and per step the bytes autograd keeps
+    for each side's backward pass (a saved-tensor hook over the whole step)."""
 
-    steps: list[list[str]] = []
-    build, step = training._build_model, training._step
+    def __init__(self, stages: list[list[str]]):
+        self.stages, self.steps = stages, []
 
-    def built(*args, **kwargs):
-        result = build(*args, **kwargs)
-        stages.append(["+ model built (fingerprints, trained copies)"] + resident())
-        return result
+    def on_model_built(self, model, report):
+        self.stages.append(["+ model built (fingerprints, trained copies)"] + resident())
 
-    def kept_step(model, split, sources, batch, params, *rest, **kwargs):
-        frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept = {"side": "text", "text": {}, "image": {}}
+    def on_step_start(self, info):
+        import torch
+
+        frozen = {p.untyped_storage().data_ptr() for p in info.model.parameters()}
+        self.kept = {"side": "text", "text": {}, "image": {}}
 
         def pack(tensor):
             if tensor.numel() > 1 and tensor.untyped_storage().data_ptr() not in frozen:
-                kept[kept["side"]][tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+                self.kept[self.kept["side"]][tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
             return tensor
 
-        texts, images = sources
-        embed_text = texts.embed
+        self.start = f"{status_mb('VmRSS'):,.0f}"
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self.hooks.__enter__()
 
-        def text_then_image(*a, **k):
-            out = embed_text(*a, **k)
-            kept["side"] = "image"  # _step embeds the captions, then the images
-            return out
+    def on_step_phase(self, info, phase):
+        if phase == "image":  # the captions are embedded first, then the images
+            self.kept["side"] = "image"
 
-        texts.embed = text_then_image
-        start = f"{status_mb('VmRSS'):,.0f}"
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                out = step(model, split, sources, batch, params, *rest, **kwargs)
-        finally:
-            texts.embed = embed_text
-        steps.append([str(len(steps) + 1), f"{sum(kept['text'].values()) / 2**20:,.0f}",
-                      f"{sum(kept['image'].values()) / 2**20:,.0f}", start])
-        return out
-
-    training._build_model, training._step = built, kept_step
-    return steps
+    def on_step_end(self, info):
+        self.hooks.__exit__(None, None, None)
+        self.steps.append([str(len(self.steps) + 1), f"{sum(self.kept['text'].values()) / 2**20:,.0f}",
+                           f"{sum(self.kept['image'].values()) / 2**20:,.0f}", self.start])
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ tower (effnet-lite0) is frozen, so image features come from the feature cache in
 With the prefix cache the first epoch runs the whole text tower once per caption (the lower
 10 blocks without gradient) and later epochs run only the top 2 blocks. Each setting trains
 the same demo pairs with the same seed (``--no-cache-text`` is the baseline); settings
-alternate ``--repeats`` times so machine load drifts hit both. A step's time is measured
-around ``mlilt.training.trainer._step`` (embedding, loss, backward, optimizer); the table gives the
-median over epoch 1 and over epochs 2+, and the memory the cache reported.
+alternate ``--repeats`` times so machine load drifts hit both. A step's time is the wall
+time the trainer hands its step callbacks (``StepInfo.seconds``: embedding, loss, backward,
+optimizer); the table gives the median over epoch 1 and over epochs 2+, and the memory the
+cache reported.
 """
 from __future__ import annotations
 
@@ -20,15 +21,13 @@ import platform
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-import mlilt.training.trainer as training
 from mlilt.demo.data import generate_demo
-from mlilt.training.config import TrainConfig
+from mlilt.training import Callback, TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import scratch_dir  # noqa: E402
@@ -37,20 +36,13 @@ from _common import scratch_dir  # noqa: E402
 def timed_run(config: TrainConfig) -> dict:
     """Train once; per-step seconds, the final loss and the cache's log line."""
     seconds: list[float] = []
-    step = training._step
 
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        out = step(*args, **kwargs)
-        seconds.append(time.perf_counter() - started)
-        return out
+    class StepSeconds(Callback):
+        def on_step_end(self, info):
+            seconds.append(info.seconds)
 
     log = Console(file=io.StringIO(), width=300)
-    training._step = timed
-    try:
-        result = training.train(config, console=log)
-    finally:
-        training._step = step
+    result = train(config, console=log, callbacks=[StepSeconds()])
     per_epoch = len(seconds) // config.epochs
     cache_line = re.search(r"text prefix cache: .*", log.file.getvalue())
     return {"epoch1": statistics.median(seconds[:per_epoch]), "later": statistics.median(seconds[per_epoch:]),

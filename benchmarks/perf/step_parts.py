@@ -5,11 +5,11 @@ then wrong, and no pack of such a run means anything).
     python benchmarks/perf/step_parts.py [--method ln+adapter] [--anchor PACK]
                                          [--leave-out attention,gelu] [--pairs 400] [--repeats 2]
 
-Each variant runs in its own process: one epoch of ``mlilt.training.trainer.train`` on the demo pairs,
-batch 32, one torch thread. Per training step it takes the CPU seconds (``process_time``) of
-the whole step, of the forward passes (``TextSource.embed``, ``ImageSource.embed``) and of the
-backward pass (``torch.autograd.backward``); "rest" is the loss, gradient clipping and the
-optimizer. Medians after the first two steps, then the median over ``--repeats`` runs, which
+Each variant runs in its own process: one epoch of ``mlilt.training.train`` on the demo pairs,
+batch 32, one torch thread. Per training step a training callback takes the CPU seconds
+(``process_time``) of the whole step, of the forward passes (from the ``text`` phase to the
+``loss`` phase: captions and images embedded and gathered) and of the backward pass (the
+``backward`` phase); "rest" is the loss, gradient clipping and the optimizer. Medians after the first two steps, then the median over ``--repeats`` runs, which
 alternate their order so a noisy minute does not fall on one variant only.
 
 Parts that can be left out:
@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPO, demo_data, emit, machine, one_epoch_config, run_child, scratch_dir, table,  # noqa: E402
                      turn_order)
 
+from mlilt.training.callbacks import Callback  # noqa: E402
+
 PARTS = ("attention", "gelu")
 
 
@@ -42,7 +44,7 @@ def leave_out(part: str) -> None:
 
     if part == "attention":
         import mlilt.speed.packed as packed
-        from mlilt.towers.text import HFTextTower
+        from mlilt.towers.hf_text import HFTextTower
 
         packed._attend = lambda packing, projected, heads, size: projected[0] * 1.0
         HFTextTower._packing_agrees = lambda self, *inputs: True
@@ -52,48 +54,39 @@ def leave_out(part: str) -> None:
         raise SystemExit(f"--leave-out: unknown part {part!r}; known: {', '.join(PARTS)}")
 
 
+class PhaseTimes(Callback):
+    """CPU seconds of each step, of its forward passes and of its backward pass."""
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {"step": [], "forward": [], "backward": []}
+
+    def on_step_start(self, info):
+        self.times["forward"].append(0.0)
+        self.times["backward"].append(0.0)
+        self.started = self.phase_started = time.process_time()
+
+    def on_step_phase(self, info, phase):
+        now = time.process_time()
+        if phase == "loss":  # the "text" and "image" phases are over
+            self.times["forward"][-1] = now - self.phase_started
+        elif phase == "update":  # the "backward" phase is over
+            self.times["backward"][-1] = now - self.phase_started
+        if phase in ("text", "backward"):
+            self.phase_started = now
+
+    def on_step_end(self, info):
+        self.times["step"].append(time.process_time() - self.started)
+
+
 def run_variant(args) -> dict:
     """Child: one epoch with ``args.variant`` left out ("none": the whole step)."""
-    import torch
-
-    import mlilt.training.trainer as training
+    from mlilt.training import train
 
     if args.variant != "none":
         leave_out(args.variant)
-    times: dict[str, list[float]] = {"step": [], "forward": [], "backward": []}
-    in_step = [False]
-
-    def timed(function, key):
-        def run(*a, **kw):
-            if not in_step[0]:
-                return function(*a, **kw)
-            started = time.process_time()
-            try:
-                return function(*a, **kw)
-            finally:
-                times[key][-1] += time.process_time() - started
-        return run
-
-    step = training._step
-
-    def measured_step(*a, **kw):
-        in_step[0] = True
-        times["forward"].append(0.0)
-        times["backward"].append(0.0)
-        started = time.process_time()
-        try:
-            return step(*a, **kw)
-        finally:
-            times["step"].append(time.process_time() - started)
-            in_step[0] = False
-
-    training._step = measured_step
-    for source in (training.TextSource, training.ImageSource):
-        source.embed = timed(source.embed, "forward")
-    torch.autograd.backward = timed(torch.autograd.backward, "backward")
-    config = one_epoch_config(args.pairs_file, args.work, args.method, args.anchor)
-    training.train(config)
-    return {key: statistics.median(values[2:] or values) for key, values in times.items()}
+    timer = PhaseTimes()
+    train(one_epoch_config(args.pairs_file, args.work, args.method, args.anchor), callbacks=[timer])
+    return {key: statistics.median(values[2:] or values) for key, values in timer.times.items()}
 
 
 def main() -> None:

@@ -8,12 +8,13 @@ A method may carry training options after a slash: ``ln/ckpt`` (``--grad-checkpo
 ``ln+adapter/groups:N`` (a caption length group priced at N token positions, ``mlilt.modeling.encode``;
 ``groups:off``: every batch runs as one, padded to its longest caption).
 
-Issue 6, target 2: ``ln``, ``ln+adapter`` and ``lora`` steps should take at most 0.5x the
+The target: ``ln``, ``ln+adapter`` and ``lora`` steps take at most 0.5x the
 time of a ``full`` step and at most 0.4x its peak memory. Same towers (the offline pair),
 same demo pairs, batch 32. Each method runs in its own process: one epoch of
-``mlilt.training.trainer.train`` (checkpoints off), each call of its step (``mlilt.training.trainer._step``: forward,
-loss, backward, clip, AdamW step; captions are tokenized once before the first; images are decoded and preprocessed inside the step
-whenever the image tower trains, else their tower features come from the cache) timed. Methods run unanchored (as ``mlilt train --method M``) and,
+``mlilt.training.train`` (checkpoints off), each optimizer step (forward, loss, backward, clip,
+AdamW step; captions are tokenized once before the first; images are decoded and preprocessed
+inside the step whenever the image tower trains, else their tower features come from the cache)
+timed by a training callback. Methods run unanchored (as ``mlilt train --method M``) and,
 with ``--anchor``, anchored on a pack (``--method M --anchor PACK``: image side frozen).
 
 Time: wall and CPU seconds of each step (on a shared machine CPU time is the one to compare;
@@ -34,15 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPO, demo_data, emit, machine, median, peak_rss_mb, reset_peak_rss,  # noqa: E402
                      one_epoch_config, rss_mb, run_child, scratch_dir, steady, table, turn_order)
 
+from mlilt.training.callbacks import Callback  # noqa: E402
+
 DEFAULT_METHODS = "ln,ln+adapter,lora"
 FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing", "norms": "recompute_norms"}  # METHOD/FLAG: training options
 
 
 def run_method(args) -> dict:
-    """Child: one epoch of ``mlilt.training.trainer.train`` with this method; each step timed, memory taken."""
+    """Child: one epoch of ``mlilt.training.train`` with this method; each step timed, memory taken."""
     from mlilt.speed.allocator import tune_allocator
     tune_allocator()  # as the mlilt command does, before any tensor
-    import mlilt.training.trainer as training
+    from mlilt.training import train
     from mlilt.towers.registry import load_image_tower, load_text_tower
 
     method, *flags = args.method.split("/")
@@ -58,14 +61,14 @@ def run_method(args) -> dict:
     load_image_tower(config.image_tower)  # train() reuses both: they are the baseline
     baseline = rss_mb()
     reset = reset_peak_rss()
-    times, one_off, seen = timed_training(training)
+    clock = StepClock()
     started = time.perf_counter()
-    training.train(config)
+    train(config, callbacks=[clock])
     seconds = time.perf_counter() - started
-    return {"method": args.method, "anchored": bool(args.anchor), "step_s": times, "baseline_mb": baseline,
-            "peak_mb": peak_rss_mb() if reset else float("nan"), "cached": seen["cached"],
-            "one_off_s": sum(one_off), "tokens": seen["tokens"], "trainable": seen["trainable"], "seconds": seconds,
-            "cpu_s": seen["cpu_s"]}
+    return {"method": args.method, "anchored": bool(args.anchor), "step_s": clock.times, "baseline_mb": baseline,
+            "peak_mb": peak_rss_mb() if reset else float("nan"), "cached": clock.cached,
+            "one_off_s": clock.one_off, "tokens": clock.tokens, "trainable": clock.trainable, "seconds": seconds,
+            "cpu_s": clock.cpu_s}
 
 
 def set_group_call_tokens(flag: str) -> bool:
@@ -79,30 +82,26 @@ def set_group_call_tokens(flag: str) -> bool:
     return True
 
 
-def timed_training(training) -> tuple[list[float], list[float], dict]:
-    """Wrap mlilt.training.trainer's step and image-feature pass with clocks; what they saw goes in ``seen``."""
-    times: list[float] = []
-    one_off: list[float] = []
-    seen: dict = {"tokens": [], "cached": None, "trainable": 0, "cpu_s": []}
-    step, prepare = training._step, training.ImageSource.prepare
+class StepClock(Callback):
+    """Each step's wall and CPU seconds and caption token positions; the one-off image-feature pass."""
 
-    def timed_step(model, split, sources, batch, params, *rest, **kw):
-        seen["tokens"].append(token_positions(sources[0].tokenized("train", split).lengths(batch)))
-        seen["trainable"] = sum(p.numel() for p in params)
-        started, cpu = time.perf_counter(), time.process_time()
-        out = step(model, split, sources, batch, params, *rest, **kw)
-        times.append(time.perf_counter() - started)
-        seen["cpu_s"].append(time.process_time() - cpu)
-        return out
+    def __init__(self):
+        self.times: list[float] = []
+        self.cpu_s: list[float] = []
+        self.tokens: list[tuple[int, int, int]] = []
+        self.cached, self.one_off, self.trainable = None, 0.0, 0
 
-    def timed_prepare(self, *a, **kw):
-        seen["cached"] = self.cached
-        started = time.perf_counter()
-        prepare(self, *a, **kw)
-        one_off.append(time.perf_counter() - started)
+    def on_image_features(self, images, seconds):
+        self.cached, self.one_off = images.cached, seconds
 
-    training._step, training.ImageSource.prepare = timed_step, timed_prepare
-    return times, one_off, seen
+    def on_step_start(self, info):
+        self.tokens.append(token_positions(info.texts.tokenized("train", info.split).lengths(info.batch)))
+        self.trainable = sum(p.numel() for p in info.params)
+        self.cpu = time.process_time()
+
+    def on_step_end(self, info):
+        self.times.append(info.seconds)
+        self.cpu_s.append(time.process_time() - self.cpu)
 
 
 def token_positions(lengths: list[int]) -> tuple[int, int, int]:

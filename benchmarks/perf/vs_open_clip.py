@@ -3,7 +3,7 @@
     python benchmarks/perf/vs_open_clip.py [--pairs 400] [--batch-size 32] [--epochs 3] [--warmup 3]
         [--runs ln+adapter,ln+adapter+top:4,full-text] [--precision fp32|bf16]
 
-Issue 6, target 1. Each run in its own process, one after the other; a run that two
+Each run in its own process, one after the other; a run that two
 comparisons share runs once:
 
 * mlilt ``ln+adapter`` anchored on ``langpacks/sw`` (image side frozen: image features are
@@ -151,42 +151,42 @@ def cpu_seconds() -> float:
 
 
 def run_mlilt(args) -> dict:
-    """Child: mlilt.training.trainer.train on the same pairs; each optimizer step timed end to end."""
+    """Child: mlilt.training.train on the same pairs; each optimizer step timed end to end."""
     from mlilt.speed.allocator import tune_allocator
     tune_allocator()  # as the mlilt command does, before any tensor
-    import mlilt.training.trainer as training
-    from mlilt.training.config import TrainConfig
+    from mlilt.training import Callback, TrainConfig, train
 
-    spans: list[tuple[float, float]] = []
-    cpu: list[float] = []
-    one_off: list[float] = []
-    step, prepare = training._step, training.ImageSource.prepare
+    class StepClock(Callback):
+        """Each step's span (perf_counter) and CPU seconds; the one-off image-feature pass."""
 
-    def timed_step(*a, **k):
-        started, before = time.perf_counter(), cpu_seconds()
-        out = step(*a, **k)
-        spans.append((started, time.perf_counter()))
-        cpu.append(cpu_seconds() - before)
-        return out
+        def __init__(self):
+            self.spans: list[tuple[float, float]] = []
+            self.cpu: list[float] = []
+            self.one_off = 0.0
 
-    def timed_prepare(self, *a, **k):
-        started = time.perf_counter()
-        prepare(self, *a, **k)
-        one_off.append(time.perf_counter() - started)
+        def on_image_features(self, images, seconds):
+            self.one_off = seconds
 
-    training._step, training.ImageSource.prepare = timed_step, timed_prepare
+        def on_step_start(self, info):
+            self.before = cpu_seconds()
+
+        def on_step_end(self, info):
+            self.spans.append((info.started, info.started + info.seconds))
+            self.cpu.append(cpu_seconds() - self.before)
+
+    clock = StepClock()
     out = Path(tempfile.mkdtemp(dir=args.work, prefix="mlilt_pack_")) / "pack"
     config = TrainConfig(lang="sw", data=args.pairs_file, out=str(out), method=args.method,
                          anchor=args.anchor or None, epochs=args.epochs, batch_size=args.batch_size,
                          holdout=args.holdout, checkpoint_every=0, bf16=args.precision == "bf16")
     started = time.perf_counter()
-    training.train(config)
+    train(config, callbacks=[clock])
     seconds = time.perf_counter() - started
     shutil.rmtree(out.parent, ignore_errors=True)
-    per_epoch = len(cpu) // args.epochs
-    epoch_cpu = [sum(cpu[i * per_epoch:(i + 1) * per_epoch]) for i in range(args.epochs)]
-    return {"side": "mlilt", "config": config.to_dict(), "step_s": step_times(spans), "seconds": seconds,
-            "one_off_s": sum(one_off), "epoch_cpu_s": epoch_cpu, "epochs": args.epochs}
+    per_epoch = len(clock.cpu) // args.epochs
+    epoch_cpu = [sum(clock.cpu[i * per_epoch:(i + 1) * per_epoch]) for i in range(args.epochs)]
+    return {"side": "mlilt", "config": config.to_dict(), "step_s": step_times(clock.spans), "seconds": seconds,
+            "one_off_s": clock.one_off, "epoch_cpu_s": epoch_cpu, "epochs": args.epochs}
 
 
 def step_times(spans: list[tuple[float, float]]) -> list[float]:

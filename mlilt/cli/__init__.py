@@ -23,5 +23,13 @@ app.add_typer(towers.app, name="towers")
 
 
 def main() -> None:
-    tune_allocator()  # before any tensor: huge pages take effect only then
+    """The ``mlilt`` command (and ``python -m mlilt``, ``torchrun -m mlilt``).
+
+    It owns its process, so it first tunes the memory allocator for training for the whole
+    process (``mlilt.speed.allocator.tune_allocator``: PyTorch's huge pages through
+    ``THP_MEM_ALLOC_ENABLE`` in the environment, glibc's mmap threshold through ``mallopt``),
+    before any tensor exists: huge pages take effect only then. The library's functions
+    (``mlilt.training.train`` and the rest) never do; ``MLILT_MALLOC=default`` turns it off here too.
+    """
+    tune_allocator()
     app()

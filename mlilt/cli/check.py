@@ -28,7 +28,7 @@ def check_command(
 
     Exit code 0 when no leak is found, 1 when leaks were found (2/3 for bad arguments or data).
     """
-    from mlilt.data.leakage import find_leaks
+    from mlilt.datasets.leakage import find_leaks
     from mlilt.data.pairs import read_pairs
 
     train = read_pairs(data)

@@ -1,4 +1,9 @@
-"""``mlilt train``: train one language pack."""
+"""``mlilt train``: train one language pack.
+
+Every option is a ``TrainConfig`` field (``mlilt.training.config``): the names, and the defaults
+shown here, come from its fields; ``--no-cache-text`` and ``--no-cache-features`` turn off
+``cache_text`` and ``cache_features``.
+"""
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -6,12 +11,14 @@ from typing import Annotated, Optional
 import typer
 
 from mlilt.cli.common import console, user_errors
-from mlilt.defaults import DEFAULT_EMBED_DIM, DEFAULT_IMAGE_TOWER, DEFAULT_METHOD, DEFAULT_TEXT_TOWER
 from mlilt.methods.catalog import describe_methods
+from mlilt.training.config import TrainConfig
 
 METHOD_HELP = ("Parameter-efficient method, parts joined with '+', each NAME[:N][@text|@image]. "
                "Projections and temperature always train. With --anchor only the text side trains. Methods "
                "(and the sides they touch):\n\n" + describe_methods().replace("\n", "\n\n")).replace("[", "\\[")
+D = TrainConfig.defaults()  # every option's default, by field name
+NEGATED = {"no_cache_text": "cache_text", "no_cache_features": "cache_features"}  # flag -> the field it turns off
 
 
 @user_errors
@@ -20,76 +27,85 @@ def train_command(
     data: Annotated[str, typer.Option(help="Pairs: JSONL/CSV/TSV (image path relative to the file + caption), "
                                            "parquet/arrow, or a Hugging Face dataset name.")],
     out: Annotated[str, typer.Option(help="Pack folder to write (atomically).")],
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULT_METHOD,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = D["method"],
     anchor: Annotated[Optional[str], typer.Option(help="Pack whose image side is reused, frozen: packs on one "
-                                                       "anchor share one image space.")] = None,
-    text_tower: Annotated[str, typer.Option(help="Text tower: me5-small (offline) or a HF name/folder.")] = DEFAULT_TEXT_TOWER,
+                                                       "anchor share one image space.")] = D["anchor"],
+    text_tower: Annotated[str, typer.Option(help="Text tower: me5-small (offline) or a HF "
+                                                "name/folder.")] = D["text_tower"],
     image_tower: Annotated[str, typer.Option(help="Image tower: effnet-lite0 (offline), MODEL:PRETRAINED "
-                                                  "(open_clip), timm:NAME, or a HF vision model.")] = DEFAULT_IMAGE_TOWER,
-    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Pairs per step (in-batch negatives).")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.02,
-    holdout: Annotated[float, typer.Option(help="Images held out for validation: a share (<1) or a count.")] = 0.1,
-    embed_dim: Annotated[int, typer.Option(help="Size of the shared embedding space.")] = DEFAULT_EMBED_DIM,
-    max_length: Annotated[int, typer.Option(help="Caption tokens kept.")] = 64,
-    pooling: Annotated[Optional[str], typer.Option(help="Text pooling: mean or cls (default: the tower's).")] = None,
-    text_prefix: Annotated[Optional[str], typer.Option(help="Prepended to every caption (me5-small: 'query: ').")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation, split and order.")] = 0,
+                                                  "(open_clip), timm:NAME, or a HF vision model.")] = D["image_tower"],
+    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = D["epochs"],
+    batch_size: Annotated[int, typer.Option(help="Pairs per step (in-batch negatives).")] = D["batch_size"],
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = D["lr"],
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = D["weight_decay"],
+    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decays to --lr times this.")] = D["min_lr_ratio"],
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup (default: 5% of all "
+                                                             "steps).")] = D["warmup_steps"],
+    grad_clip: Annotated[float, typer.Option(help="Largest gradient norm; larger ones are scaled down to "
+                                                  "it.")] = D["grad_clip"],
+    holdout: Annotated[float, typer.Option(help="Images held out for validation: a share (<1) or a "
+                                                "count.")] = D["holdout"],
+    embed_dim: Annotated[int, typer.Option(help="Size of the shared embedding space.")] = D["embed_dim"],
+    max_length: Annotated[int, typer.Option(help="Caption tokens kept.")] = D["max_length"],
+    pooling: Annotated[Optional[str], typer.Option(help="Text pooling: mean or cls (default: the "
+                                                        "tower's).")] = D["pooling"],
+    text_prefix: Annotated[Optional[str], typer.Option(help="Prepended to every caption (me5-small: "
+                                                            "'query: ').")] = D["text_prefix"],
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, split and order.")] = D["seed"],
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast: for GPUs and CPUs with AMX; "
-                                                      "emulated and slow on other CPUs.")] = False,
+                                                      "emulated and slow on other CPUs.")] = D["bf16"],
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing",
                                                      help="Recompute the activations of each block of a trained "
                                                           "tower in the backward pass instead of keeping them: "
                                                           "less memory, about one more forward pass of "
-                                                          "compute (for large towers).")] = False,
+                                                          "compute (for large towers).")] = D["grad_checkpointing"],
     recompute_norms: Annotated[bool, typer.Option("--recompute-norms",
                                                   help="Fused norm + activation layers of a trained CNN (SiLU, "
                                                        "GELU, ...) keep only their input and recompute the rest in "
                                                        "the backward pass: a lighter trade than "
                                                        "--grad-checkpointing. Norms followed by ReLU/ReLU6 (as in "
-                                                       "effnet-lite0) always do so, at no measurable cost.")] = False,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count them.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = False,
+                                                       "effnet-lite0) always do so, at no measurable "
+                                                       "cost.")] = D["recompute_norms"],
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count "
+                                                              "them.")] = D["skip_bad"],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = D["overwrite"],
     exclude_leaks: Annotated[Optional[str], typer.Option(help="Drop pairs that leak this benchmark's test set "
                                                               "(see `mlilt data check`): xm3600, xtd10, multi30k, "
-                                                              "demo, custom.")] = None,
-    leak_root: Annotated[Optional[str], typer.Option(help="Where the --exclude-leaks benchmark lives.")] = None,
-    leak_threshold: Annotated[float, typer.Option(help="chrF at or above which a caption is a leak.")] = 80.0,
+                                                              "demo, custom.")] = D["exclude_leaks"],
+    leak_root: Annotated[Optional[str], typer.Option(help="Where the --exclude-leaks benchmark "
+                                                          "lives.")] = D["leak_root"],
+    leak_threshold: Annotated[float, typer.Option(help="chrF at or above which a caption is a "
+                                                       "leak.")] = D["leak_threshold"],
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT.checkpoint/ (also "
                                                        "written at each epoch end, deleted once the pack is "
-                                                       "written).")] = 50,
+                                                       "written).")] = D["checkpoint_every"],
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.checkpoint/ (same settings and data "
                                                           "required). Without it an existing checkpoint is "
-                                                          "replaced when training starts.")] = False,
+                                                          "replaced when training starts.")] = D["resume"],
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip batches whose loss or gradient "
                                                                           "norm is NaN/inf (counted in the pack) "
-                                                                          "instead of stopping.")] = False,
+                                                                          "instead of "
+                                                                          "stopping.")] = D["skip_nonfinite"],
     no_cache_text: Annotated[bool, typer.Option("--no-cache-text",
                                                 help="Run the whole text tower every step. By default, when "
                                                      "only the top text blocks train (unlock:K, +top:K), the hidden "
                                                      "states below them are kept per caption in memory and "
-                                                     "later epochs run only the top blocks.")] = False,
+                                                     "later epochs run only the top blocks.")] = not D["cache_text"],
     text_cache_mb: Annotated[int, typer.Option(help="Memory bound (MiB) of that cache; captions past it run "
-                                                    "the whole tower.")] = 4096,
+                                                    "the whole tower.")] = D["text_cache_mb"],
+    no_cache_features: Annotated[bool, typer.Option("--no-cache-features",
+                                                    help="Compute a frozen image tower's features afresh instead "
+                                                         "of reading and writing the on-disk feature "
+                                                         "cache.")] = not D["cache_features"],
 ):
     """Train a language pack on image-caption pairs with frozen towers.
 
     Several GPUs or nodes: torchrun --nproc_per_node N -m mlilt train ... (--batch-size stays the
     global batch; only rank 0 writes).
     """
+    config = config_from_options(locals())  # first: the arguments are all the locals there are yet
     from mlilt.training.trainer import train
-    from mlilt.training.config import TrainConfig
 
-    config = TrainConfig(lang=lang, data=data, out=out, method=method, anchor=anchor, text_tower=text_tower,
-                         image_tower=image_tower, epochs=epochs, batch_size=batch_size, lr=lr,
-                         weight_decay=weight_decay, holdout=holdout, embed_dim=embed_dim, max_length=max_length,
-                         pooling=pooling, text_prefix=text_prefix, seed=seed, bf16=bf16,
-                         grad_checkpointing=grad_checkpointing, recompute_norms=recompute_norms,
-                         skip_bad=skip_bad, overwrite=overwrite,
-                         exclude_leaks=exclude_leaks, leak_root=leak_root, leak_threshold=leak_threshold,
-                         checkpoint_every=checkpoint_every, resume=resume, skip_nonfinite=skip_nonfinite,
-                         cache_text=not no_cache_text, text_cache_mb=text_cache_mb)
     result = train(config, console=console)
     if not result.written:  # another process (rank 0 under torchrun) reports
         return
@@ -97,6 +113,12 @@ def train_command(
     val = result.metrics
     console.print(f"[green]pack written:[/] {result.pack}  (val mean recall {val['mean_recall']:.1f}, "
                   f"t2i R@1 {val['image_retrieval_recall@1']:.1f}, i2t R@1 {val['text_retrieval_recall@1']:.1f})")
+
+
+def config_from_options(options: dict) -> TrainConfig:
+    """The TrainConfig of ``train_command``'s arguments (by name; the ``--no-*`` flags inverted)."""
+    return TrainConfig(**{NEGATED.get(name, name): not value if name in NEGATED else value
+                          for name, value in options.items()})
 
 
 def print_report(report) -> None:

@@ -82,7 +82,8 @@ def evaluate(benchmark: str, packs: list[str], root: str | None = None, langs: l
 
 
 def _evaluate_packs(loaded: list[Pack], plan: dict[int, list[str]], sets: dict) -> list[EvalResult]:
-    from mlilt.modeling.factory import image_side_of, text_side_of
+    from mlilt.modeling.factory import image_side_of
+    from mlilt.speed import text_side_of
 
     spaces: dict[str, ImageSpace] = {}
     results = []
@@ -123,7 +124,7 @@ def _pairs_set(benchmark: str, path: Path, lang: str) -> PairsRetrievalSet:
 
 
 def pairs_retrieval_set(benchmark: str, pairs, lang: str) -> PairsRetrievalSet:
-    from mlilt.training.split import Split
+    from mlilt.data.split import Split
 
     split = Split.from_pairs(pairs)
     return PairsRetrievalSet(benchmark, lang, split.images, split.captions, split.caption_image)

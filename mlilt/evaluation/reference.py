@@ -10,7 +10,7 @@ from torch import nn
 
 from mlilt.modeling.model import SideEncoder
 from mlilt.towers.base import Tower
-from mlilt.towers.registry import create_open_clip, open_clip_visual_tower
+from mlilt.towers.open_clip_vision import create_open_clip, open_clip_visual_tower
 
 
 class OpenClipTextTower(Tower):

@@ -4,7 +4,7 @@ Captions are tokenized once, sorted by token count and padded per batch to the l
 of that batch, never to a fixed length: the text tower's cost follows the real tokens. A
 training batch keeps its random captions (they are each other's negatives) and is run in a few
 groups of similar length instead (``length_groups``): the same embeddings, less padding. A tower
-that runs padding-free (``towers/packed.py``) needs groups only to keep attention compact; it
+that runs padding-free (``speed/packed.py``) needs groups only to keep attention compact; it
 takes a batch in one call when the image tower does not run in the same step (``TextSource``).
 """
 from __future__ import annotations

@@ -2,7 +2,6 @@
 multilingual model that serves several packs over one copy of the frozen towers."""
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -70,16 +69,6 @@ class ContrastiveModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-
-def image_side_id(tower_fingerprint: str, tensors: dict[str, torch.Tensor]) -> str:
-    """Identity of an image embedding space: the tower plus every image-side tensor."""
-    digest = hashlib.sha256(tower_fingerprint.encode())
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def contrastive_loss(text: torch.Tensor, image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

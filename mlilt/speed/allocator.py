@@ -18,10 +18,10 @@ Two settings, both for the activations a training step allocates and frees again
   for about 4% more step time on both (benchmarks/perf/README.md). Takes effect at once
   (glibc only; other C libraries are left alone).
 
-Tried and rejected: keeping every freed block in the heap (no mmap, no trim): PyTorch's
-aligned allocations then never reuse a freed block of their own size, and the heap grew by
+Other settings cost more. Keeping every freed block in the heap (no mmap, no trim): PyTorch's
+aligned allocations then never reuse a freed block of their own size, and the heap grows by
 every step's activations (without huge pages, ``benchmarks/perf/kernel_time.py``: an ``ln`` step
-spent 11% less CPU, none of it zeroing fresh pages, but peaked at 4.0 GB instead of 2.5 GB);
+spends 11% less CPU, none of it zeroing fresh pages, but peaked at 4.0 GB instead of 2.5 GB);
 a lower threshold (4 MiB: 150 MB off an ``ln`` peak for 15% more CPU, all of it the kernel
 zeroing pages); handing the heap's free memory back before every step (``malloc_trim``) of
 every run: the steps that run the text tower only (anchored) took about a tenth longer,
@@ -33,9 +33,11 @@ each training step that runs the image tower: such a step allocates GBs and take
 trim costs no measurable time there, and it took 270 MB off an ``ln`` peak
 (``benchmarks/perf/kernel_time.py``, benchmarks/perf/README.md).
 
-Set by the ``mlilt`` command and by ``mlilt.training.trainer.train``. ``MLILT_MALLOC=default`` leaves both
-alone; ``MLILT_MALLOC=huge-pages`` sets huge pages only. A user's own ``THP_MEM_ALLOC_ENABLE``
-wins, and a kernel with transparent huge pages off ignores it.
+Both are process-wide, so only the ``mlilt`` command sets them (``mlilt.cli.main``, before any
+tensor exists); library calls such as ``mlilt.training.train`` leave the allocator as the
+caller set it. ``MLILT_MALLOC=default`` leaves both alone; ``MLILT_MALLOC=huge-pages`` sets huge
+pages only. A user's own ``THP_MEM_ALLOC_ENABLE`` wins, and a kernel with transparent huge
+pages off ignores it.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def checkpoint_blocks(tower: nn.Module) -> int:
     for name in blocks:
         block = tower.get_submodule(name)
         block.forward = checkpointed(block.forward)
-        setattr(block, CHECKPOINTED, True)  # for code that runs the block's parts itself (towers/packed.py)
+        setattr(block, CHECKPOINTED, True)  # for code that runs the block's parts itself (speed/packed.py)
     return len(blocks)
 
 

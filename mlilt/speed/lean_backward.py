@@ -19,11 +19,11 @@ a third of everything kept. Changes made on a training copy only:
   (``_ConvFedNormClamp``): 42% less kept again on effnet-lite0
   (``benchmarks/perf/levers.py``). It also takes the convolution's backward pass, so the
   gradient goes straight to the smaller input and the expanded one is never made whole
-  (0.13-0.45 CPU s off an ``ln`` step, benchmarks/perf/README.md, session 10). Both backward
+  (less CPU time per ``ln`` step: ``benchmarks/perf/levers.py --parts kept``). Both backward
   passes run a few images at a time (``_norm_clamp_backward``), so what they recompute
   stays in the CPU's cache and the heap:
   over whole tensors each recomputed activation took a fresh mapping whose pages the kernel
-  zeroes, which cost more than the recomputation (benchmarks/perf/README.md, session 6);
+  zeroes, which costs more than the recomputation;
 - ``recompute_norm_activations`` (``--recompute-norms``): the other fused norm + activation
   modules (SiLU, GELU, ...) keep only their input and recompute their forward in the
   backward pass through autograd (more passes than the clamp's shortcut).

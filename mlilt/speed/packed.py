@@ -15,9 +15,10 @@ so there the result is the same to float rounding. The same module objects run, 
 that wrap or parametrize them (adapters, LoRA, trained LayerNorms) need nothing new.
 
 Used only for encoders with absolute positions, no decoder and no cross-attention
-(``why_not_packable``). The tower compares the packed forward with the model's own on its first
-batch and falls back for good if they disagree: a transformers release whose layers do more, or
-a subclass with its own ``forward``, cannot give wrong features silently.
+(``why_not_packable``). A text tower runs it once ``use_padding_free`` sets ``PaddingFree`` as
+its runner; the tower compares the packed forward with the model's own on its first batch and
+falls back for good if they disagree: a transformers release whose layers do more, or a
+subclass with its own ``forward``, cannot give wrong features silently.
 """
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlilt.speed.grad_checkpoint import checkpointed, is_checkpointed
+from mlilt.towers.hf_text import HFTextTower
 
-SELF_CHECK_TOLERANCE = 1e-4  # relative to the features' largest value; float noise is ~1e-6
 # Captions per attention call on a CPU. Attention's cost grows with the square of the padded
 # length, and the CPU kernel pays per call too. In groups of 8 an anchored ln+adapter step on
 # the offline tower took 0.89 CPU s against 0.92 s in one call, and 130 MB less at the peak
-# (benchmarks/perf/kernel_time.py, benchmarks/perf/README.md, session 10).
+# (benchmarks/perf/kernel_time.py, benchmarks/perf/README.md).
 ATTENTION_GROUP = 8
 
 
@@ -189,13 +190,24 @@ def packed_last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask
     return last if order is None else last[order.argsort()]
 
 
-def disagreement(candidate: torch.Tensor, reference: torch.Tensor) -> float | None:
-    """None where two ways of computing the same features agree to float noise, else their
-    largest difference (inf for another shape)."""
-    if candidate.shape != reference.shape:
-        return float("inf")
-    if not reference.numel():
-        return None
-    difference = float((candidate.float() - reference.float()).abs().max())
-    scale = float(reference.abs().max().clamp_min(1.0))
-    return None if difference <= SELF_CHECK_TOLERANCE * scale else difference
+class PaddingFree:
+    """The text tower runner (``HFTextTower.use_runner``) of this module: the encoder's last
+    hidden state with the per-token layers on the real tokens only."""
+
+    def why_not(self, model: nn.Module) -> str | None:
+        return why_not_packable(model)
+
+    def last_hidden(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return packed_last_hidden(model, input_ids, attention_mask)
+
+
+PADDING_FREE = PaddingFree()
+
+
+def use_padding_free(tower: nn.Module) -> bool:
+    """Run a text tower (a training or serving copy) padding-free; whether it now does. Other
+    towers, and encoders this module cannot run, are left as they are."""
+    if not isinstance(tower, HFTextTower):
+        return False
+    tower.use_runner(PADDING_FREE)
+    return tower.runs_padding_free

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from mlilt.modeling.encode import TokenizedTexts, run_in_length_groups
+from mlilt.speed.packed import Packing, run_packed_blocks
+from mlilt.towers.hf_text import HFTextTower, disagreement, pool
 from mlilt.towers.layout import find_layout
-from mlilt.speed.packed import Packing, disagreement, run_packed_blocks
-from mlilt.towers.text import HFTextTower, pool
 
 
 def first_trainable_block(tower: nn.Module) -> int | None:

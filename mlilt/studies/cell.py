@@ -149,7 +149,8 @@ def _evaluate(study: StudyConfig, out: Path, cell: Cell, pack_path: str) -> dict
     """Retrieval of the cell's pack on its own language and the transfer languages, and its time."""
     import torch
 
-    from mlilt.modeling.factory import image_side_of, text_side_of
+    from mlilt.modeling.factory import image_side_of
+    from mlilt.speed import text_side_of
     from mlilt.evaluation.evaluate import benchmark_sets
     from mlilt.evaluation.runner import ImageSpace, evaluate_sets
     from mlilt.packs import read_pack

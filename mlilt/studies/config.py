@@ -13,11 +13,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlilt.defaults import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
 from mlilt.errors import UsageError
 from mlilt.methods.spec import parse_method
 
-# Set per cell by the runner; a config that sets them would be ambiguous.
+# TrainConfig options set per cell by the runner; a config that sets them would be ambiguous.
 _CELL_OWNED = {"lang", "data", "out", "method", "text_tower", "image_tower", "seed", "overwrite", "resume"}
 _TOP_KEYS = {"name", "description", "towers", "languages", "methods", "baseline", "budgets", "seeds", "train",
              "method_train", "data", "evaluate", "keep_packs"}
@@ -134,13 +133,17 @@ def load_study(path: str | Path) -> StudyConfig:
 
 
 def _study(raw: dict, path: Path) -> StudyConfig:
+    from mlilt.training.config import TrainConfig
+
     where = str(path)
     _no_unknown(raw, _TOP_KEYS, where)
     towers = _mapping(raw.get("towers", {}), f"{where}: towers")
     _no_unknown(towers, {"text", "image"}, f"{where}: towers")
+    defaults = TrainConfig.defaults()
     study = StudyConfig(
         name=str(raw.get("name") or path.stem), path=path, description=str(raw.get("description", "")),
-        text_tower=str(towers.get("text", DEFAULT_TEXT_TOWER)), image_tower=str(towers.get("image", DEFAULT_IMAGE_TOWER)),
+        text_tower=str(towers.get("text", defaults["text_tower"])),
+        image_tower=str(towers.get("image", defaults["image_tower"])),
         languages=_strings(raw.get("languages"), f"{where}: languages"),
         methods=_strings(raw.get("methods"), f"{where}: methods"),
         budgets=_positive_ints(raw.get("budgets"), f"{where}: budgets"),
@@ -205,15 +208,18 @@ def _eval_spec(raw, where: str) -> EvalSpec:
 
 
 def _train_settings(raw, where: str) -> dict:
-    from mlilt.training.config import TrainConfig
+    """A ``train:`` mapping: TrainConfig options (less those each cell sets) checked as TrainConfig
+    checks them, plus the bench-only ``steps``."""
+    from mlilt.training.config import TrainConfig, check_settings
 
     raw = _mapping(raw, where)
-    allowed = ({f.name for f in dataclasses.fields(TrainConfig)} - _CELL_OWNED) | {"steps"}
+    allowed = (set(TrainConfig.defaults()) - _CELL_OWNED) | {"steps"}
     _no_unknown(raw, allowed, where)
     if "steps" in raw and "epochs" in raw:
         raise UsageError(f"{where}: give steps or epochs, not both")
     if "steps" in raw and (not isinstance(raw["steps"], int) or raw["steps"] < 1):
         raise UsageError(f"{where}: steps must be a positive number of optimizer steps")
+    check_settings({k: v for k, v in raw.items() if k != "steps"}, where)
     return dict(raw)
 
 

@@ -9,7 +9,9 @@ import json
 import torch
 from torch import nn
 
-from mlilt.speed.mapped_bytes import file_mappings, tensor_bytes
+from mlilt.defaults import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+from mlilt.errors import TowerLoadError
+from mlilt.files.mapped_bytes import file_mappings, tensor_bytes
 
 
 class CallCounter:
@@ -17,6 +19,20 @@ class CallCounter:
 
     def __init__(self):
         self.count = 0
+
+
+class SharedFrom:
+    """The loaded tower whose frozen weights a copy shares. Every copy holds it, so the loaded
+    tower lives as long as any copy does (the registry holds loaded towers only weakly).
+    Copying a model never copies the loaded tower through it."""
+
+    __slots__ = ("tower",)
+
+    def __init__(self, tower: "Tower"):
+        self.tower = tower
+
+    def __deepcopy__(self, memo) -> "SharedFrom":
+        return self
 
 
 class Tower(nn.Module):
@@ -36,6 +52,7 @@ class Tower(nn.Module):
         self.width = width
         self.config = dict(config)
         self.calls = CallCounter()  # so that tests and benchmarks can see cache hits
+        self.shared_from: SharedFrom | None = None  # None: this is the loaded tower itself
         self._fingerprint: str | None = None
 
     def freeze(self) -> "Tower":
@@ -59,13 +76,14 @@ class Tower(nn.Module):
         """A deep copy whose parameters, buffers and tokenizer are the same objects as ours.
 
         Methods then replace or wrap modules of the copy; the frozen weights stay one copy in
-        memory however many languages are loaded.
+        memory however many languages are loaded. The copy keeps the loaded tower alive.
         """
         memo = {id(t): t for t in list(self.parameters()) + list(self.buffers())}
         for value in self.__dict__.values():
             if not isinstance(value, (nn.Module, torch.Tensor, dict, list)):
-                memo[id(value)] = value  # tokenizers, transforms: shared, never copied
+                memo[id(value)] = value  # tokenizers, transforms, runners: shared, never copied
         clone = copy.deepcopy(self, memo)
+        clone.shared_from = self.shared_from or SharedFrom(self)
         clone._fingerprint = None  # methods will change the copy: it gets its own fingerprint
         return clone
 
@@ -73,7 +91,7 @@ class Tower(nn.Module):
 def weights_fingerprint(module: nn.Module, config: dict) -> str:
     """sha256 of a JSON config plus every parameter and buffer (names, shapes, bytes).
     Weights memory-mapped from a file are hashed through the file: hashing them in memory
-    would page in all of them (``mapped_bytes``)."""
+    would page in all of them (``mlilt.files.mapped_bytes``)."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     state = module.state_dict()
     mappings = file_mappings()
@@ -84,3 +102,11 @@ def weights_fingerprint(module: nn.Module, config: dict) -> str:
             for chunk in tensor_bytes(tensor, mappings):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def load_error(spec: str, kind: str, error: Exception) -> TowerLoadError:
+    """The error of a tower that could not be loaded from a hub name or folder."""
+    return TowerLoadError(
+        f"could not load tower {spec!r} as {kind}: {error}. Hub names need a network or a copy in the "
+        f"local cache; offline, use the embedded towers ({DEFAULT_TEXT_TOWER}, {DEFAULT_IMAGE_TOWER}) "
+        f"or a local folder.")

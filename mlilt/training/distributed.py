@@ -1,18 +1,24 @@
 """Training on several processes (``torchrun``): one process per device, one global batch.
 
 Each rank embeds a contiguous slice of every global batch; the slices are all-gathered with
-their gradient so every rank computes the same loss over the whole global batch, then the
-trainable gradients are combined so that each rank holds exactly the 1-process gradient.
-Only rank 0 writes files. Without ``torchrun`` (no ``WORLD_SIZE`` > 1) everything here is a
-no-op on one process.
+their gradient (``torch.distributed.nn.functional.all_gather``) so every rank computes the
+same loss over the whole global batch, then the trainable gradients are averaged so that each
+rank holds exactly the 1-process gradient. Only rank 0 writes files. Without ``torchrun`` (no
+``WORLD_SIZE`` > 1) everything here is a no-op on one process.
+
+The device is passed explicitly (``Ranks.device``, ``cuda:<local rank>``): nothing here sets
+the process's current CUDA device for good (see ``Ranks.worker_scope``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
 
 from mlilt.errors import UsageError
 
@@ -44,33 +50,50 @@ class Ranks:
         return batch[self.rank * size:(self.rank + 1) * size]
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
-        """Every rank's rows in rank order; only this rank's rows carry a gradient."""
+        """Every rank's rows in rank order, differentiable.
+
+        Every rank computes the same loss from the gathered rows, so the gradient that flows back
+        to this rank's rows is the sum of ``world`` equal gradients: ``world`` times the
+        1-process one. ``average_gradients`` divides it out again.
+        """
         if self.world == 1:
             return local
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local.detach().contiguous())
-        parts[self.rank] = local  # put the autograd-tracked tensor back in its own slot
-        return torch.cat(parts)
+        with warnings.catch_warnings():
+            # torch 2.14 marks it deprecated in favour of a private module; it is the public one.
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(all_gather(local))
 
-    def combine_gradients(self, per_sample: list[torch.Tensor], replicated: list[torch.Tensor]) -> None:
-        """Turn each rank's partial gradient into the full one, identical on every rank.
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Turn each rank's gradient into the 1-process one, identical on every rank.
 
-        Every rank computes the same global loss, but reaches the parameters that produce
-        embeddings only through its own rows: the full gradient of those is the SUM over ranks.
-        Parameters used on the whole batch in the loss itself (the temperature) already get
-        their full gradient on each rank: summing counts it ``world`` times, so it is averaged.
+        Parameters that produce embeddings reach the loss only through this rank's rows, and
+        ``gather``'s backward hands them ``world`` times their share of the gradient: the mean
+        over ranks is the sum of the shares, the full gradient. Parameters used on the whole
+        batch in the loss itself (the temperature) hold the full gradient on every rank, and
+        the mean leaves it so.
         """
         if self.world == 1:
             return
-        params = [p for p in per_sample + replicated if p.grad is not None]
+        params = [p for p in params if p.grad is not None]
         flat = torch.cat([p.grad.reshape(-1) for p in params])  # one collective, not one per tensor
         dist.all_reduce(flat)
-        replicated_ids = {id(p) for p in replicated}
+        flat /= self.world
         offset = 0
         for p in params:
-            grad = flat[offset:offset + p.numel()].view_as(p.grad)
-            p.grad.copy_(grad / self.world if id(p) in replicated_ids else grad)
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
+
+    def worker_scope(self) -> contextlib.AbstractContextManager:
+        """This rank's GPU as the current CUDA device while a run lasts, under ``torchrun`` only;
+        the previous one is current again afterwards.
+
+        NCCL's object collectives (``broadcast_object_list``) and a barrier of a process group
+        this process did not bind to a device use the current device; left at GPU 0, every
+        rank would also open a CUDA context there. One process, or CPUs, need nothing.
+        """
+        if self.world > 1 and self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
 
     def broadcast(self, value):
         """Rank 0's picklable ``value`` on every rank."""
@@ -95,14 +118,12 @@ def setup() -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if cuda else torch.device("cpu")
     if world <= 1:
         return Ranks(device=device)
     owns_group = not dist.is_initialized()  # a caller may have started it already: then it is theirs
     if owns_group:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device,
                  owns_group=owns_group)
 

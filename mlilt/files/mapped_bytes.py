@@ -2,17 +2,17 @@
 
 transformers (5.x) loads safetensors weights as private memory maps of the file: a page is
 read in only when something touches it. Training a language pack touches the transformer
-blocks and the rows of the embedding matrix its captions use, nothing more; but hashing the
-weights for the tower's fingerprint touched every page, and kept them resident. With the
-250,002-piece XLM-R vocabulary that is the whole embedding matrix (me5-small: 384 MB;
+blocks and the rows of the embedding matrix its captions use, nothing more; hashing the
+weights in memory for a tower's fingerprint would touch every page and keep it resident. With
+the 250,002-piece XLM-R vocabulary that is the whole embedding matrix (me5-small: 384 MB;
 xlm-roberta-base: 768 MB) for the rest of the process.
 
 Reading the same bytes through the file instead goes through the page cache, which the
 process's resident memory does not count. It is done only where it gives exactly the bytes
 in memory: the tensor lies in a private mapping of a file that still has the mapped inode,
 and none of its pages was written to (Linux ``/proc/self/pagemap``: every present page is
-still the file's page, none is swapped). Anything else, and every other system, hashes the
-memory as before.
+still the file's page, none is swapped). Anything else, and every other system, gives the
+bytes in memory.
 """
 from __future__ import annotations
 

@@ -1,0 +1,45 @@
+"""The model a run trains: towers loaded, the method applied, speed levers set on each tower."""
+from __future__ import annotations
+
+from mlilt.methods import MethodReport
+from mlilt.modeling.factory import build_sides, image_side_of
+from mlilt.modeling.model import ContrastiveModel, SideEncoder
+from mlilt.packs import Pack, read_pack
+from mlilt.speed.bf16_weights import cache_bf16_weights
+from mlilt.speed.grad_checkpoint import checkpoint_blocks
+from mlilt.speed.packed import use_padding_free
+from mlilt.speed.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
+from mlilt.towers.registry import load_image_tower, load_text_tower
+from mlilt.training.config import TrainConfig
+
+
+def build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, Pack | None]:
+    """The model, what its method trains, and the anchor pack whose image side it reuses (if any)."""
+    text_tower = load_text_tower(config.text_tower, pooling=config.pooling, max_length=config.max_length,
+                                 prefix=config.text_prefix)
+    image_tower = load_image_tower(config.image_tower)
+    frozen = ("image",) if config.anchor else ()
+    sides, report = build_sides({"text": text_tower, "image": image_tower}, config.method, config.embed_dim,
+                                frozen_sides=frozen, seed=config.seed)
+    anchor = None
+    if config.anchor:
+        anchor = read_pack(config.anchor)
+        sides["image"] = image_side_of(anchor, image_tower)
+    for encoder in sides.values():
+        set_speed_levers(encoder, config)
+    return ContrastiveModel(sides["text"], sides["image"]), report, anchor
+
+
+def set_speed_levers(encoder: SideEncoder, config: TrainConfig) -> None:
+    """What makes a side's steps cheaper without changing what they compute (or, asked for, trades
+    time for memory)."""
+    use_padding_free(encoder.tower)  # text towers: attention over real tokens only
+    if config.bf16:
+        cache_bf16_weights(encoder.tower)  # one cast per frozen weight, not one per step
+    if encoder.tower_trains():
+        lean_convolutions(encoder.tower)  # exact and free: frozen convolutions keep no inputs
+        lean_norm_clamps(encoder.tower)  # exact: BatchNorm + ReLU6 keeps its input only
+        if config.recompute_norms:
+            recompute_norm_activations(encoder.tower)
+        if config.grad_checkpointing:
+            checkpoint_blocks(encoder.tower)

@@ -1,0 +1,44 @@
+"""One optimizer step over a global batch, the same on every process."""
+from __future__ import annotations
+
+import torch
+
+from mlilt.modeling.model import contrastive_loss
+from mlilt.speed.allocator import return_free_memory
+from mlilt.training.callbacks import Callback, StepInfo
+from mlilt.training.config import TrainConfig
+from mlilt.training.distributed import Ranks
+from mlilt.training.precision import autocast
+
+
+def train_step(info: StepInfo, optimizer: torch.optim.Optimizer, config: TrainConfig, ranks: Ranks = Ranks(),
+               hooks: Callback = Callback()) -> tuple[float | None, str | None]:
+    """One optimizer step over ``info.batch``; (loss, None), or (None, what went non-finite)
+    with no step taken. Every rank sees the same loss and the same gradient. ``hooks`` hear
+    each phase begin (``Callback.on_step_phase``)."""
+    model, split, texts, images, params = info.model, info.split, info.texts, info.images, info.params
+    if not images.cached:
+        # A step that runs the image tower allocates GBs of activations, and the heap memory
+        # the last one freed stays resident: handed back, this step's peak counts only what
+        # it touches (benchmarks/perf/README.md).
+        return_free_memory()
+    with autocast(config.bf16, ranks.device):
+        hooks.on_step_phase(info, "text")
+        text = ranks.gather(texts.embed("train", split, info.local).float())
+        hooks.on_step_phase(info, "image")
+        image = ranks.gather(images.embed("train", split, [split.caption_image[i] for i in info.local]).float())
+        hooks.on_step_phase(info, "loss")
+        loss = contrastive_loss(text, image, model.scale())
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None, f"the loss became {loss.item()}"
+    hooks.on_step_phase(info, "backward")
+    loss.backward()
+    hooks.on_step_phase(info, "update")
+    ranks.average_gradients(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)  # on the combined gradient
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None, f"the gradient norm became {norm.item()}"
+    optimizer.step()
+    return loss.item(), None
