@@ -192,13 +192,19 @@ class Pack:
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
 
-def save_pack(out: str | os.PathLike, model: ContrastiveModel, config: PackConfig, overwrite: bool = False) -> Path:
-    """Write a pack folder atomically: a finished pack is replaced only by another finished one."""
+def check_pack_destination(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse ``out`` as a pack folder: another pack there (unless ``overwrite``), or a folder of other files."""
     out = Path(out)
     if (out / PACK_CONFIG).exists() and not overwrite:
         raise UsageError(f"{out} already holds a pack; pass --overwrite to replace it")
     if out.exists() and not (out / PACK_CONFIG).exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not a pack folder; choose another --out")
+
+
+def save_pack(out: str | os.PathLike, model: ContrastiveModel, config: PackConfig, overwrite: bool = False) -> Path:
+    """Write a pack folder atomically: a finished pack is replaced only by another finished one."""
+    out = Path(out)
+    check_pack_destination(out, overwrite)
     from mlilt import __version__
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.pack_state().items()}
     config.mlilt_version = __version__

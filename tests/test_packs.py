@@ -20,7 +20,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import mlilt
-import mlilt.training.trainer as train_module
 from mlilt.modeling.factory import build_sides
 from mlilt.demo.data import generate_demo
 from mlilt.data.pairs import read_pairs
@@ -30,6 +29,7 @@ from mlilt.modeling.model import ContrastiveModel, SideEncoder
 from mlilt.packs import (FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, image_side_id, read_pack,
                          save_pack)
 from mlilt.towers.registry import registered
+from mlilt.training.callbacks import Callback
 from mlilt.training.trainer import train
 from mlilt.training.config import TrainConfig
 from tiny_towers import tiny_text_tower, tiny_timm_vit
@@ -70,20 +70,23 @@ def _train(root: Path, demo, lang: str, out: str, **overrides):
     """train() with a module-level cache; returns (pack path, the in-memory model, its PackConfig)."""
     config = TrainConfig(lang=lang, data=str(demo.files(lang)["train"]), out=str(root / out), text_tower=TEXT_SPEC,
                          image_tower=IMAGE_SPEC, embed_dim=EMBED_DIM, epochs=1, batch_size=8, **overrides)
-    captured = {}
-
-    def capturing_save(out_path, model, pack_config, overwrite=False):
-        captured.update(model=model, config=copy.deepcopy(pack_config))
-        return real_save(out_path, model, pack_config, overwrite=overwrite)
-
-    real_save = train_module.save_pack
+    built = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLILT_CACHE", str(root / "cache"))
         mp.setenv("MLILT_PACKS", str(root / "no-packs-here"))
-        mp.setattr(train_module, "save_pack", capturing_save)
-        result = train(config)
+        result = train(config, callbacks=[_ModelKept(built)])
     assert result.pack == Path(config.out)
-    return result.pack, captured["model"], captured["config"]
+    return result.pack, built[0], read_pack(result.pack).config
+
+
+class _ModelKept(Callback):
+    """Keeps the model a run builds (it ends holding the weights the pack saved)."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def on_model_built(self, model, report) -> None:
+        self.into.append(model)
 
 
 @pytest.fixture(scope="module")
@@ -228,18 +231,13 @@ def test_save_pack_never_replaces_without_overwrite(sw, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "p"]  # no staging folders left behind
 
 
-def test_train_refuses_an_existing_pack_before_any_work(sw, demo, tmp_path, monkeypatch):
+def test_train_refuses_an_existing_pack_before_any_work(sw, tmp_path):
     pack = _copy_pack(sw[0], tmp_path / "p")
     before = _file_bytes(pack)
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("train() did work before checking --out")
-
-    for name in ("_load_data", "_build_model", "_fit", "read_pairs", "load_text_tower", "load_image_tower"):
-        if hasattr(train_module, name):
-            monkeypatch.setattr(train_module, name, must_not_run)
-    config = TrainConfig(lang="sw", data=str(demo.files("sw")["train"]), out=str(pack), text_tower=TEXT_SPEC,
-                         image_tower=IMAGE_SPEC, embed_dim=EMBED_DIM, epochs=1, batch_size=8)
+    # data and towers that any work would fail on: only the --out check can answer first
+    config = TrainConfig(lang="sw", data=str(tmp_path / "no-such-pairs.jsonl"), out=str(pack),
+                         text_tower=str(tmp_path / "no-text-tower"), image_tower="timm:no-such-model",
+                         embed_dim=EMBED_DIM, epochs=1, batch_size=8)
     with pytest.raises(UsageError, match="already holds a pack"):
         train(config)
     assert _file_bytes(pack) == before

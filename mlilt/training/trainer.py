@@ -21,9 +21,8 @@ from typing import Sequence
 
 import torch
 
-from mlilt.errors import UsageError
 from mlilt.methods import MethodReport
-from mlilt.packs import PACK_CONFIG, save_pack
+from mlilt.packs import check_pack_destination, save_pack
 from mlilt.training import distributed
 from mlilt.training.assemble import build_model
 from mlilt.training.callbacks import Callback, Callbacks
@@ -69,7 +68,7 @@ class Trainer:
 
     def _run(self, ranks: Ranks, console) -> TrainResult:
         config = self.config
-        check_out(config)
+        check_pack_destination(config.out, config.overwrite)  # before any work
         train_split, val_split, summary = load_data(config)
         check_split(len(train_split.captions), config.batch_size, ranks.world)
         model, report, anchor = build_model(config)
@@ -99,13 +98,6 @@ class Trainer:
 def train(config: TrainConfig, console=None, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train one pack (``Trainer(config, console, callbacks).run()``)."""
     return Trainer(config, console=console, callbacks=callbacks).run()
-
-
-def check_out(config: TrainConfig) -> None:
-    """Refuse to overwrite a pack unless asked, before any work."""
-    out = Path(config.out)
-    if (out / PACK_CONFIG).exists() and not config.overwrite:
-        raise UsageError(f"{out} already holds a pack; pass --overwrite to replace it")
 
 
 @contextlib.contextmanager
