@@ -2,7 +2,7 @@
 other towers and other preprocessing never share entries, and concurrent writers (real
 processes) leave every entry valid.
 
-Tower calls are counted with ``tower.calls.count``; images are real PNG files.
+Tower calls are counted by a forward hook (``tiny_towers.ForwardCalls``); images are real PNG files.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id
 from mlilt.towers.timm_vision import TimmImageTower
 from mlilt.towers.preprocess import ImagePreprocess
-from tiny_towers import PREPROCESS, tiny_timm_cnn
+from tiny_towers import PREPROCESS, ForwardCalls, tiny_timm_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,9 +43,10 @@ def images(tmp_path):
 
 
 def _features(tower, images, cache, batch_size=4):
-    before = tower.calls.count
+    calls = ForwardCalls(tower)
     features = tower_features(tower, images, batch_size=batch_size, cache=cache)
-    return features, tower.calls.count - before
+    calls.handle.remove()
+    return features, calls.count
 
 
 def test_second_pass_is_served_from_the_cache(tower, images, tmp_path):

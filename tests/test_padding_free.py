@@ -14,8 +14,6 @@ from mlilt.modeling.factory import build_sides
 from mlilt.demo.data import generate_demo
 from mlilt.speed.grad_checkpoint import checkpoint_blocks
 from mlilt.packs import PACK_TENSORS
-from mlilt.speed.text_cache import PrefixCache
-from mlilt.modeling.encode import TokenizedTexts
 from mlilt.speed import packed
 from mlilt.speed.packed import Packing, why_not_packable
 from mlilt.modeling import encode
@@ -209,22 +207,6 @@ def test_packing_round_trips_both_paddings():
     assert packing.additive_mask(torch.bfloat16).isfinite().all()  # fp32's lowest would be -inf here
 
 
-def test_prefix_cache_runs_the_top_blocks_padding_free():
-    tower = _trained_copy(tiny_text_tower(), "unlock:1")
-    tokens = TokenizedTexts(tower, CAPTIONS)
-    indices = list(range(len(CAPTIONS)))
-    cache = PrefixCache(tower, 1, 2**20)
-    cached = cache.features("train", indices, tokens, torch.device("cpu"))
-    assert cache.problem is None and len(cache.states) == len(CAPTIONS)
-    assert [len(state) for state in cache.states.values()] == tokens.lengths()
-    tower.padding_free = False
-    padded_cache = PrefixCache(tower, 1, 2**20)
-    padded = padded_cache.features("train", indices, tokens, torch.device("cpu"))
-    assert torch.allclose(cached, padded, atol=1e-6)
-    for key, state in cache.states.items():
-        assert torch.allclose(state, padded_cache.states[key], atol=1e-6)
-
-
 def test_training_padding_free_writes_the_same_pack(tiny_vit_towers, tmp_path):
     generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
     text = tiny_vit_towers["text"]
@@ -262,9 +244,8 @@ def test_a_training_batch_runs_in_one_call_when_padding_free(padding_free, tmp_p
     encoder = build_sides({"text": tiny_text_tower()}, "ln+adapter", 8, seed=0)[0]["text"]
     encoder.tower.padding_free = padding_free
     monkeypatch.setattr(encode, "GROUP_CALL_TOKENS", 4)  # the tiny tower's batch is too small to split otherwise
-    config = TrainConfig(lang="sw", data="unused", out=str(tmp_path / "pack"), cache_text=False)
     split = Split(CAPTIONS, list(range(len(CAPTIONS))), [], [])
-    source = TextSource(encoder, config)
+    source = TextSource(encoder)
     indices = list(range(len(CAPTIONS)))
     source.embed("train", split, indices)  # the first call runs the self-check
     rows = _rows_into_the_query_layer(encoder.tower, lambda: source.embed("train", split, indices))

@@ -21,7 +21,7 @@ from mlilt.cli.train import NEGATED, config_from_options
 from mlilt.training import Callback, TrainConfig, train
 from mlilt.training.config import check_settings
 from mlilt.training.optim import build_schedule
-from tiny_towers import tiny_text_tower, tiny_timm_cnn
+from tiny_towers import ForwardCalls, tiny_text_tower, tiny_timm_cnn
 
 runner = CliRunner()
 
@@ -79,16 +79,16 @@ def tiny_towers():
 
 
 def test_feature_cache_hit_on_later_epochs_and_runs(tiny_demo_data, tmp_path, tiny_towers):
-    _, image_tower = tiny_towers
+    calls = ForwardCalls(tiny_towers[1])
     first = train(_tiny_config(tiny_demo_data, tmp_path / "a", method="ln@text"))
-    calls_after_first = image_tower.calls.count
+    calls_after_first = calls.count
     assert first.pack.is_dir()
     images = {p.image for p in read_pairs(tiny_demo_data / "sw" / "train.jsonl")}
     batches_needed = -(-len(images) // 32) + 1  # the train and val feature passes
     assert 0 < calls_after_first <= batches_needed  # one pass over the images, not one per epoch
 
     train(_tiny_config(tiny_demo_data, tmp_path / "b", method="lora", seed=1))
-    assert image_tower.calls.count == calls_after_first  # second run: every feature from disk
+    assert calls.count == calls_after_first  # second run: every feature from disk
 
 
 class Recorder(Callback):
@@ -147,11 +147,11 @@ def test_callbacks_hear_the_run_in_order(tiny_demo_data, tmp_path, tiny_towers):
 
 
 def test_training_the_image_side_runs_the_tower_every_epoch(tiny_demo_data, tmp_path, tiny_towers):
-    _, image_tower = tiny_towers
+    calls = ForwardCalls(tiny_towers[1])
     train(_tiny_config(tiny_demo_data, tmp_path / "a", method="ln", epochs=1))
-    one_epoch = image_tower.calls.count
+    one_epoch = calls.count
     train(_tiny_config(tiny_demo_data, tmp_path / "b", method="ln", epochs=2))
-    assert image_tower.calls.count - one_epoch > one_epoch  # no cache when the tower trains
+    assert calls.count - one_epoch > one_epoch  # no cache when the tower trains
 
 
 def test_cli_refuses_to_overwrite_a_finished_pack(tiny_demo_data, tmp_path, tiny_towers):

@@ -84,13 +84,12 @@ def test_a_training_batch_in_length_groups_gives_the_one_batch_embeddings_and_gr
     lengths = [len(row) for row in encoder.tower.tokenize(CAPTIONS, pad=False)["input_ids"]]
     monkeypatch.setattr(encode, "GROUP_CALL_TOKENS", 4)  # the tiny tower's batch is too small to split otherwise
     assert len(length_groups(lengths)) > 1
-    config = TrainConfig(lang="sw", data="unused", out=str(tmp_path / "pack"), cache_text=False)
     split = Split(CAPTIONS, list(range(len(CAPTIONS))), [], [])
     results = {}
     for grouped in (True, False):
         encoder.zero_grad()
         if grouped:
-            out = TextSource(encoder, config).embed("train", split, list(range(len(CAPTIONS))))
+            out = TextSource(encoder).embed("train", split, list(range(len(CAPTIONS))))
         else:  # the plain path: one batch padded to its longest caption
             tokens = encoder.tower.tokenize(CAPTIONS)
             out = encoder(tokens["input_ids"], tokens["attention_mask"])
@@ -223,6 +222,43 @@ def test_memory_options_on_a_cnn_write_the_same_pack(tiny_cnn_towers, tmp_path, 
     assert any(name.startswith("image.tower.") for name in packs["plain"])  # the CNN's norms did train
     for name, tensor in packs["plain"].items():
         assert torch.equal(tensor, packs["options"][name]), name  # recomputation is exact
+
+
+class _Layouts(Callback):
+    """What the built model runs with: padding-free text, channels-last image, lean convolutions."""
+
+    def on_model_built(self, model, report) -> None:
+        convs = [m for m in model.image.tower.modules() if isinstance(m, nn.Conv2d)]
+        self.seen = (model.text.tower.runs_padding_free, model.image.tower.channels_last,
+                     any("forward" in vars(conv) for conv in convs))  # a lean convolution's own forward
+
+
+def test_every_speed_path_off_writes_the_same_pack_as_every_one_on(tiny_cnn_towers, tmp_path):
+    """``--speed-paths none`` is the plain PyTorch path; the default paths compute the same."""
+    generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
+    packs, seen = {}, {}
+    for paths in ("default", "none"):
+        layouts = _Layouts()
+        config = TrainConfig(lang="sw", data=str(tmp_path / "data" / "sw" / "train.jsonl"),
+                             out=str(tmp_path / paths), text_tower="tiny-bert-0", image_tower="tiny-timm-cnn",
+                             embed_dim=16, epochs=2, batch_size=8, method="ln", checkpoint_every=0,
+                             speed_paths=paths)
+        packs[paths] = load_file(str(train(config, callbacks=[layouts]).pack / PACK_TENSORS))
+        seen[paths] = layouts.seen
+    assert seen == {"default": (True, True, True), "none": (False, False, False)}
+    assert packs["default"].keys() == packs["none"].keys()
+    for name, tensor in packs["default"].items():
+        torch.testing.assert_close(tensor, packs["none"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_speed_paths_are_named_or_refused():
+    from mlilt.errors import UsageError
+    from mlilt.speed import SPEED_PATHS, parse_speed_paths
+
+    assert parse_speed_paths("default") == set(SPEED_PATHS) and parse_speed_paths("none") == set()
+    assert parse_speed_paths("padding-free, lean-backward") == {"padding-free", "lean-backward"}
+    with pytest.raises(UsageError, match="unknown fast-attention"):
+        TrainConfig(lang="sw", data="d", out="o", speed_paths="padding-free,fast-attention")
 
 
 def test_lean_backward_leaves_trained_convolutions_alone():

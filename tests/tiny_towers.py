@@ -88,3 +88,17 @@ def tiny_open_clip_vit() -> OpenClipImageTower:
 
 IMAGE_TOWERS = {"hf-vit": tiny_hf_vit, "timm-vit": tiny_timm_vit, "timm-cnn": tiny_timm_cnn,
                 "open_clip-vit": tiny_open_clip_vit}
+
+
+class ForwardCalls:
+    """Forward passes of a loaded tower and of every copy made of it from now on: a forward hook
+    on the loaded tower, which copies carry with them (a plain function: deepcopy shares it)."""
+
+    def __init__(self, tower):
+        base = tower.shared_from.tower if tower.shared_from is not None else tower
+        self.count = 0
+
+        def seen(*_):
+            self.count += 1
+        self.handle = base.register_forward_hook(seen)
+

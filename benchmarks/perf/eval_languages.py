@@ -114,13 +114,26 @@ def run_clip_benchmark_style(args) -> dict:
 
 
 def _load_towers(pack_path: str):
-    """Load the pack's towers before the clock starts (both sides); their call counters."""
+    """Load the pack's towers before the clock starts (both sides); their forward-call counters."""
     from mlilt.modeling.factory import image_side_of
     from mlilt.speed import text_side_of
     from mlilt.packs import read_pack
 
     pack = read_pack(pack_path)
-    return image_side_of(pack).tower.calls, text_side_of(pack).tower.calls
+    return ForwardCalls(image_side_of(pack).tower), ForwardCalls(text_side_of(pack).tower)
+
+
+class ForwardCalls:
+    """Forward passes of a loaded tower and of every copy made of it from now on (a forward hook
+    on the loaded tower, which copies carry); holds the tower, so the registry keeps it loaded."""
+
+    def __init__(self, tower):
+        self.tower = tower.shared_from.tower if tower.shared_from is not None else tower
+        self.count = 0
+
+        def seen(*_):
+            self.count += 1
+        self.tower.register_forward_hook(seen)
 
 
 def _pixels(tower, images):

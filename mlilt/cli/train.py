@@ -12,13 +12,14 @@ import typer
 
 from mlilt.cli.common import console, user_errors
 from mlilt.methods.catalog import describe_methods
+from mlilt.speed import SPEED_PATHS
 from mlilt.training.config import TrainConfig
 
 METHOD_HELP = ("Parameter-efficient method, parts joined with '+', each NAME[:N][@text|@image]. "
                "Projections and temperature always train. With --anchor only the text side trains. Methods "
                "(and the sides they touch):\n\n" + describe_methods().replace("\n", "\n\n")).replace("[", "\\[")
 D = TrainConfig.defaults()  # every option's default, by field name
-NEGATED = {"no_cache_text": "cache_text", "no_cache_features": "cache_features"}  # flag -> the field it turns off
+NEGATED = {"no_cache_features": "cache_features"}  # flag -> the field it turns off
 
 
 @user_errors
@@ -66,6 +67,10 @@ def train_command(
                                                        "--grad-checkpointing. Norms followed by ReLU/ReLU6 (as in "
                                                        "effnet-lite0) always do so, at no measurable "
                                                        "cost.")] = D["recompute_norms"],
+    speed_paths: Annotated[str, typer.Option(help="CPU speed paths: default (all), none (the plain PyTorch "
+                                                  "path), or a comma list of " + ", ".join(SPEED_PATHS) +
+                                                  ". Each computes what the plain path "
+                                                  "computes.")] = D["speed_paths"],
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count "
                                                               "them.")] = D["skip_bad"],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = D["overwrite"],
@@ -86,13 +91,6 @@ def train_command(
                                                                           "norm is NaN/inf (counted in the pack) "
                                                                           "instead of "
                                                                           "stopping.")] = D["skip_nonfinite"],
-    no_cache_text: Annotated[bool, typer.Option("--no-cache-text",
-                                                help="Run the whole text tower every step. By default, when "
-                                                     "only the top text blocks train (unlock:K, +top:K), the hidden "
-                                                     "states below them are kept per caption in memory and "
-                                                     "later epochs run only the top blocks.")] = not D["cache_text"],
-    text_cache_mb: Annotated[int, typer.Option(help="Memory bound (MiB) of that cache; captions past it run "
-                                                    "the whole tower.")] = D["text_cache_mb"],
     no_cache_features: Annotated[bool, typer.Option("--no-cache-features",
                                                     help="Compute a frozen image tower's features afresh instead "
                                                          "of reading and writing the on-disk feature "

@@ -3,9 +3,7 @@
 tower and the layers after them.
 
 Why: when nothing below block L-K trains, the backward pass stops at block L-K and keeps no
-activations below it, and in a text tower the hidden states entering block L-K are a pure
-function of the caption, cached after the first epoch (``mlilt/text_cache.py``): later epochs
-run only the top K blocks.
+activations below it.
 """
 from __future__ import annotations
 

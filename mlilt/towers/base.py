@@ -14,13 +14,6 @@ from mlilt.errors import TowerLoadError
 from mlilt.files.mapped_bytes import file_mappings, tensor_bytes
 
 
-class CallCounter:
-    """Forward passes of a tower and of every copy of it (copies share this object)."""
-
-    def __init__(self):
-        self.count = 0
-
-
 class SharedFrom:
     """The loaded tower whose frozen weights a copy shares. Every copy holds it, so the loaded
     tower lives as long as any copy does (the registry holds loaded towers only weakly).
@@ -51,7 +44,6 @@ class Tower(nn.Module):
         self.spec = spec
         self.width = width
         self.config = dict(config)
-        self.calls = CallCounter()  # so that tests and benchmarks can see cache hits
         self.shared_from: SharedFrom | None = None  # None: this is the loaded tower itself
         self._fingerprint: str | None = None
 

@@ -129,7 +129,6 @@ class HFTextTower(Tower):
         return self.padding_free and self.runner is not None and self.packing_problem is None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.calls.count += 1
         if self.runs_padding_free:
             features = pool(self.runner.last_hidden(self.model, input_ids, attention_mask), attention_mask,
                             self.pooling)

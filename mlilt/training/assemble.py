@@ -5,10 +5,9 @@ from mlilt.methods import MethodReport
 from mlilt.modeling.factory import build_sides, image_side_of
 from mlilt.modeling.model import ContrastiveModel, SideEncoder
 from mlilt.packs import Pack, read_pack
-from mlilt.speed.bf16_weights import cache_bf16_weights
+from mlilt.speed import parse_speed_paths, speed_up
 from mlilt.speed.grad_checkpoint import checkpoint_blocks
-from mlilt.speed.packed import use_padding_free
-from mlilt.speed.lean_backward import lean_convolutions, lean_norm_clamps, recompute_norm_activations
+from mlilt.speed.lean_backward import recompute_norm_activations
 from mlilt.towers.registry import load_image_tower, load_text_tower
 from mlilt.training.config import TrainConfig
 
@@ -31,14 +30,10 @@ def build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, Pa
 
 
 def set_speed_levers(encoder: SideEncoder, config: TrainConfig) -> None:
-    """What makes a side's steps cheaper without changing what they compute (or, asked for, trades
-    time for memory)."""
-    use_padding_free(encoder.tower)  # text towers: attention over real tokens only
-    if config.bf16:
-        cache_bf16_weights(encoder.tower)  # one cast per frozen weight, not one per step
+    """The speed paths ``config`` asks for (``mlilt.speed``), and the memory options: time
+    traded for less memory where asked."""
+    speed_up(encoder, parse_speed_paths(config.speed_paths), bf16=config.bf16)
     if encoder.tower_trains():
-        lean_convolutions(encoder.tower)  # exact and free: frozen convolutions keep no inputs
-        lean_norm_clamps(encoder.tower)  # exact: BatchNorm + ReLU6 keeps its input only
         if config.recompute_norms:
             recompute_norm_activations(encoder.tower)
         if config.grad_checkpointing:

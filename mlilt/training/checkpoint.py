@@ -32,7 +32,8 @@ STATE_FILE = "checkpoint.json"
 TENSOR_FILE = "checkpoint.safetensors"
 # Fields a resumed run may change: they do not alter what is computed.
 MAY_DIFFER = frozenset({"out", "overwrite", "resume", "checkpoint_every", "skip_nonfinite", "cache_features", "data",
-                        "cache_text", "text_cache_mb", "grad_checkpointing", "recompute_norms"})
+                        "grad_checkpointing", "recompute_norms",
+                        "speed_paths"})
 
 
 class NumericalError(MliltError):

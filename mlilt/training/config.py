@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from mlilt.errors import UsageError
 from mlilt.defaults import DEFAULT_EMBED_DIM, DEFAULT_IMAGE_TOWER, DEFAULT_METHOD, DEFAULT_TEXT_TOWER
 from mlilt.methods.spec import parse_method
+from mlilt.speed import parse_speed_paths
 
 
 @dataclass
@@ -36,14 +37,13 @@ class TrainConfig:
     bf16: bool = False
     grad_checkpointing: bool = False  # recompute trained blocks' activations in the backward pass: less memory
     recompute_norms: bool = False  # fused norm+SiLU/GELU... layers keep only their input (less memory, more time)
+    speed_paths: str = "default"  # CPU speed paths (mlilt.speed): default, none (plain PyTorch) or a comma list
     max_length: int = 64  # caption tokens
     pooling: str | None = None  # text tower pooling (mean/cls); None: the tower's default
     text_prefix: str | None = None  # prepended to captions; None: the tower's default
     skip_bad: bool = False
     overwrite: bool = False
     cache_features: bool = True
-    cache_text: bool = True  # per caption, the hidden states below the lowest trainable text block (unlock:K, +top:K)
-    text_cache_mb: int = 4096  # memory bound of that cache; captions past it run the whole tower
     exclude_leaks: str | None = None  # a benchmark whose test captions/images must not be trained on
     leak_root: str | None = None  # where that benchmark lives (a pairs file for "custom")
     leak_threshold: float = 80.0  # sentence chrF at or above which a caption counts as leaked
@@ -53,12 +53,12 @@ class TrainConfig:
 
     def __post_init__(self):
         parse_method(self.method)  # raises a UsageError naming the bad part
+        parse_speed_paths(self.speed_paths)
         checks = [(self.epochs >= 1, "--epochs must be at least 1"),
                   (self.batch_size >= 2, "--batch-size must be at least 2 (contrastive loss needs negatives)"),
                   (self.lr > 0, "--lr must be positive"),
                   (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be within [0, 1]"),
                   (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-                  (self.text_cache_mb >= 0, "--text-cache-mb must be >= 0"),
                   (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (no checkpoints) or more"),
                   (self.grad_clip > 0, "--grad-clip must be positive"),
                   (self.holdout > 0, "--holdout must be positive"),

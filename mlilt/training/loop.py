@@ -59,15 +59,10 @@ class Loop:
         size = min(config.batch_size, len(split.captions))
         with self.progress.task("training", self.steps_per_epoch * config.epochs * size) as advance:
             advance(state.step * size)
-            first = True
             while state.epoch <= config.epochs:
                 self._epoch(state, advance)
                 self.progress.log_epoch(state.history[-1])
                 self.hooks.on_epoch_end(state.history[-1])
-                cache_line = self.parts.texts.describe() if first else None  # once the first epoch filled it
-                if cache_line and self.progress.console is not None:
-                    self.progress.console.print(cache_line)
-                first = False
         return state
 
     def _resuming(self) -> bool:

@@ -1,8 +1,7 @@
 """Embeddings of a batch of captions or images, through caches when what runs is frozen.
 
 Frozen means cached: when no image-tower weight trains, image features come from the feature
-cache and the image tower never runs after the first pass; when only the top text blocks
-train, the hidden states below them are kept per caption (``mlilt.speed.text_cache``).
+cache and the image tower never runs after the first pass.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from mlilt.data.images import load_image
 from mlilt.modeling.encode import TokenizedTexts, run_in_length_groups
 from mlilt.modeling.model import SideEncoder
 from mlilt.speed.allocator import return_free_memory
-from mlilt.speed.text_cache import PrefixCache, cut_point
 from mlilt.training.config import TrainConfig
 from mlilt.training.distributed import Ranks
 from mlilt.training.progress import TrainProgress
@@ -21,13 +19,11 @@ from mlilt.data.split import Split
 
 
 class TextSource:
-    """Caption embeddings; the frozen lower text blocks run once per caption when they can."""
+    """Caption embeddings of a split's captions, tokenized once."""
 
-    def __init__(self, encoder: SideEncoder, config: TrainConfig, device: torch.device = torch.device("cpu")):
+    def __init__(self, encoder: SideEncoder, device: torch.device = torch.device("cpu")):
         self.encoder = encoder
         self.device = device
-        cut = cut_point(encoder.tower) if config.cache_text else None
-        self.cache = PrefixCache(encoder.tower, cut, config.text_cache_mb * 2**20) if cut is not None else None
         self.tokens: dict[str, TokenizedTexts] = {}
 
     def prepare(self, train_split: Split, val_split: Split) -> None:
@@ -41,9 +37,6 @@ class TextSource:
 
     def embed(self, name: str, split: Split, indices: list[int]) -> torch.Tensor:
         tokens = self.tokenized(name, split)
-        if self.cache is not None:
-            return self.encoder.project(self.cache.features(name, indices, tokens, self.device))
-
         def run(group: list[int]) -> torch.Tensor:
             input_ids, attention_mask = tokens.batch([indices[i] for i in group])
             return self.encoder(input_ids.to(self.device), attention_mask.to(self.device))
@@ -60,10 +53,6 @@ class TextSource:
         if name not in self.tokens:
             self.tokens[name] = TokenizedTexts(self.encoder.tower, split.captions)
         return self.tokens[name]
-
-    def describe(self) -> str | None:
-        """What the prefix cache holds; None when the method cannot use one (nothing to report)."""
-        return self.cache.describe() if self.cache is not None else None
 
 
 class ImageSource:

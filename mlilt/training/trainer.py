@@ -75,7 +75,7 @@ class Trainer:
         self.hooks.on_model_built(model, report)
         model.to(ranks.device)
         images = ImageSource(model.image, config, ranks.device)
-        texts = TextSource(model.text, config, ranks.device)
+        texts = TextSource(model.text, ranks.device)
         progress = TrainProgress(console)
         warn_slow_bf16(config.bf16, ranks.device, console)
         texts.prepare(train_split, val_split)
