@@ -9,11 +9,7 @@ gradients stay the same and that less is kept, not timings (those are in benchma
 from __future__ import annotations
 
 import copy
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -282,81 +278,6 @@ def test_a_cnn_tower_runs_channels_last_with_the_same_output():
 @pytest.mark.parametrize("family", sorted(set(IMAGE_TOWERS) - {"timm-cnn"}))
 def test_transformer_towers_keep_their_layout(family):
     assert not IMAGE_TOWERS[family]().channels_last  # one patch-embedding convolution: nothing to gain
-
-
-ALLOCATE_AND_FREE = """
-import resource
-import torch
-from mlilt.speed.allocator import tune_allocator
-print(tune_allocator())
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):  # what a training step does with its activations
-    torch.empty(2**24).fill_(1.0)  # 64 MiB, freed at once
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def _huge_page_mode() -> str:
-    """The kernel's transparent huge page mode: always, madvise or never."""
-    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    text = setting.read_text() if setting.is_file() else "[never]"
-    return text[text.index("[") + 1:text.index("]")]
-
-
-@pytest.mark.skipif(_huge_page_mode() == "never", reason="this kernel has transparent huge pages off")
-def test_large_activations_fault_in_huge_pages_not_4k_pages():
-    faults = {}
-    for setting in ("default", ""):
-        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-        env["MLILT_MALLOC"] = setting
-        out = subprocess.run([sys.executable, "-c", ALLOCATE_AND_FREE], env=env, capture_output=True, text=True,
-                             check=True).stdout.split()
-        faults[setting] = (out[0], int(out[1]))
-    assert faults["default"][0] == "False" and faults[""][0] == "True"
-    pages = 10 * 2**26 // 4096  # ten 64 MiB tensors in 4 KiB pages
-    assert faults[""][1] < pages // 10  # huge pages: a fault per 2 MiB
-    if _huge_page_mode() == "madvise":  # ("always" gives glibc's own mappings huge pages too)
-        assert faults["default"][1] >= pages // 2  # glibc alone: every allocation faults its pages in again
-
-
-WHERE_A_20_MIB_TENSOR_LIVES = """
-import ctypes
-import torch
-from mlilt.speed.allocator import tune_allocator
-tune_allocator()
-libc = ctypes.CDLL("libc.so.6")
-
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-libc.mallinfo2.restype = Mallinfo2
-torch.empty(30 * 2**18).fill_(1.0)  # 30 MiB, freed: glibc's own threshold rises past 20 MiB
-before = libc.mallinfo2().hblkhd
-kept = torch.empty(20 * 2**18).fill_(1.0)
-print("mapped" if libc.mallinfo2().hblkhd - before >= 20 * 2**20 else "heap")
-"""
-
-
-def _glibc_with_mallinfo2() -> bool:
-    import ctypes
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc 2.33 or later")
-def test_large_tensors_stay_out_of_the_heap_after_a_larger_one_was_freed():
-    """The fixed mmap threshold: a 20 MiB activation after a freed 30 MiB one is mapped (and
-    returned on free), not carved out of the heap where freed blocks leave holes."""
-    where = {}
-    for setting in ("", "huge-pages"):
-        env = {**os.environ, "MLILT_MALLOC": setting}
-        where[setting] = subprocess.run([sys.executable, "-c", WHERE_A_20_MIB_TENSOR_LIVES], env=env,
-                                        capture_output=True, text=True, check=True).stdout.strip()
-    assert where == {"": "mapped", "huge-pages": "heap"}
 
 
 def test_frozen_weights_cast_once_give_autocasts_own_bf16_result():

@@ -228,8 +228,6 @@ def main() -> None:
     parts = set(args.parts.split(","))
     import torch
     torch.set_num_threads(1)
-    from mlilt.speed.allocator import tune_allocator
-    tune_allocator()  # as the mlilt command does
     print(f"machine: {machine()}; 1 torch thread; batch {args.batch_size}; CPU s, median of {args.repeats}\n")
     if "image" in parts:
         print(table(["image tower layout", "forward with autograd", "its backward", "forward without autograd"],

@@ -16,7 +16,6 @@ allocator's fragmentation. It makes steps slower; read its times as nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -38,11 +37,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200, help="demo scenes generated (80%% train)")
     parser.add_argument("--live", action="store_true", help="resident set = live memory (slow; see above)")
     args = parser.parse_args()
-    from mlilt.speed.allocator import OPT_OUT, fix_mmap_threshold, tune_allocator
     if args.live:
-        os.environ[OPT_OUT] = "huge-pages"  # tune_allocator below: huge pages, this threshold kept
-        fix_mmap_threshold(128 * 1024)
-    tune_allocator()  # as the mlilt command does
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (glibc's malloc.h)
     stages = [["python and imports"] + resident()]
     import torch
     torch.set_num_threads(1)
@@ -63,7 +60,7 @@ def main() -> None:
     train(config, callbacks=[watch])
     steps = watch.steps
     print(f"machine: {machine()}; {args.method}{' anchored' if args.anchor else ''}; batch 32; "
-          f"{'--live: glibc mmap threshold 128 KiB' if args.live else 'allocator as mlilt sets it'}\n")
+          f"{'--live: glibc mmap threshold 128 KiB' if args.live else 'glibc defaults'}\n")
     print(table(["stage", "resident MB", "anonymous MB", "file-backed MB"], stages), "\n")
     print(table(["step", "text side keeps MB", "image side keeps MB", "resident at its start MB"], steps))
     print(f"\npeak resident: {peak_rss_mb():,.0f} MB")

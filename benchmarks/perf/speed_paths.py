@@ -8,9 +8,8 @@ Workloads, each at ``mlilt train``'s defaults (``ln+adapter``, batch 64, the off
 * ``anchored-bf16``: the same with ``--bf16``;
 * ``both-towers``: no anchor, so the image tower trains and runs forward and backward each step.
 
-Per workload the variants are: ``default`` (every speed path, the allocator tuned as the
-``mlilt`` command tunes it), ``none`` (``--speed-paths none`` and an untuned allocator: plain
-PyTorch), and the default with one path left out (``-padding-free``, ``-allocator``, ...), only
+Per workload the variants are: ``default`` (every speed path), ``none`` (``--speed-paths
+none``: plain PyTorch), and the default with one path left out (``-padding-free``, ...), only
 for the paths that act on that workload. Each variant runs in its own process: one epoch of
 ``mlilt.training.train``, each optimizer step timed by a callback (wall and CPU seconds), the
 first ``--warmup`` steps left out; every variant runs ``--repeat`` times in alternating order
@@ -29,9 +28,9 @@ from _common import (REPO, demo_data, emit, machine, median, one_epoch_config, p
 from vs_full import StepClock  # noqa: E402
 
 WORKLOADS = {  # name -> (anchored, bf16, the speed paths that act on it)
-    "anchored": (True, False, ("padding-free", "allocator")),
-    "anchored-bf16": (True, True, ("padding-free", "bf16-weights", "allocator")),
-    "both-towers": (False, False, ("padding-free", "channels-last", "lean-backward", "allocator")),
+    "anchored": (True, False, ("padding-free",)),
+    "anchored-bf16": (True, True, ("padding-free", "bf16-weights")),
+    "both-towers": (False, False, ("padding-free", "channels-last", "lean-backward")),
 }
 
 
@@ -44,10 +43,7 @@ def run_variant(args) -> dict:
     from mlilt.speed import SPEED_PATHS
 
     anchored, bf16, _ = WORKLOADS[args.workload]
-    off = set(SPEED_PATHS) | {"allocator"} if args.variant == "none" else {args.variant.lstrip("-")} - {"default"}
-    if "allocator" not in off:
-        from mlilt.speed.allocator import tune_allocator
-        tune_allocator()  # as the mlilt command does, before any tensor
+    off = set(SPEED_PATHS) if args.variant == "none" else {args.variant.lstrip("-")} - {"default"}
     from mlilt.training import train
 
     paths = ",".join(sorted(set(SPEED_PATHS) - off)) or "none"

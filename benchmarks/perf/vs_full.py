@@ -43,8 +43,6 @@ FLAGS = {"bf16": "bf16", "ckpt": "grad_checkpointing", "norms": "recompute_norms
 
 def run_method(args) -> dict:
     """Child: one epoch of ``mlilt.training.train`` with this method; each step timed, memory taken."""
-    from mlilt.speed.allocator import tune_allocator
-    tune_allocator()  # as the mlilt command does, before any tensor
     from mlilt.training import train
     from mlilt.towers.registry import load_image_tower, load_text_tower
 

@@ -44,7 +44,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, demo_data, emit, machine, median, run_child, scratch_dir, steady, table, turn_order  # noqa: E402
-from mlilt.speed.allocator import MMAP_THRESHOLD, TORCH_SETTING  # noqa: E402
 
 MODEL_NAME = "mlilt-offline-pair"
 OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}  # --precision here -> open_clip's own
@@ -152,8 +151,6 @@ def cpu_seconds() -> float:
 
 def run_mlilt(args) -> dict:
     """Child: mlilt.training.train on the same pairs; each optimizer step timed end to end."""
-    from mlilt.speed.allocator import tune_allocator
-    tune_allocator()  # as the mlilt command does, before any tensor
     from mlilt.training import Callback, TrainConfig, train
 
     class StepClock(Callback):
@@ -216,12 +213,6 @@ COMPARISONS = {  # name -> [(mlilt run, open_clip run), ...]
 }
 
 
-# What mlilt.speed.allocator.tune_allocator sets in-process, as environment settings for a process
-# that does not call it: PyTorch's huge pages, and glibc's mmap threshold (an environment
-# setting, read at start, that also stops glibc from moving it).
-OPEN_CLIP_ALLOCATOR = {TORCH_SETTING: "1", "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-
-
 def measure(script: str, work: Path, pairs_file: Path, args) -> tuple[dict[str, dict], list[tuple[str, str]]]:
     """Every run the chosen comparisons need, ``--repeat`` times, alternating the order of
     each comparison's sides (A B, B A, ...) so that a slow patch of a shared machine does not
@@ -229,7 +220,6 @@ def measure(script: str, work: Path, pairs_file: Path, args) -> tuple[dict[str, 
     common = ["--work", str(work), "--pairs-file", str(pairs_file), "--batch-size", str(args.batch_size),
               "--workers", str(args.workers), "--epochs", str(args.epochs), "--precision", args.precision]
     env = {"MLILT_CACHE": str(work / "mlilt_cache"), "OMP_NUM_THREADS": str(args.threads)}
-    open_clip_env = {**env, **OPEN_CLIP_ALLOCATOR} if args.open_clip_mlilt_allocator else env
     pairs = [pair for name in args.runs.split(",") for pair in COMPARISONS[name]]
     merged: dict[str, dict] = {}
     for repeat in range(args.repeat):
@@ -238,7 +228,7 @@ def measure(script: str, work: Path, pairs_file: Path, args) -> tuple[dict[str, 
                 if len(merged.get(label, {}).get("runs", [])) > repeat:
                     continue  # shared with a comparison that already ran it this round
                 child = common + [a.format(anchor=args.anchor) for a in RUN_ARGS[label]]
-                result = run_child(script, child, env=open_clip_env if "open_clip" in child else env)
+                result = run_child(script, child, env=env)
                 print(f"{label}: {len(result['step_s'])} steps, one-off {result['one_off_s']:.1f} s, "
                       f"{result['seconds']:.0f} s in all", flush=True)
                 merged.setdefault(label, {"label": label, "runs": []})["runs"].append(result)
@@ -304,9 +294,6 @@ def main() -> None:
                         help="epochs per run (the text prefix cache pays from the 2nd)")
     parser.add_argument("--precision", choices=sorted(OPEN_CLIP_PRECISION), default="fp32",
                         help="both sides: fp32, or bfloat16 autocast (fast only on GPUs and CPUs with AMX/AVX512-BF16)")
-    parser.add_argument("--open-clip-mlilt-allocator", action="store_true",
-                        help="give open_clip the allocator settings mlilt sets for itself (mlilt/allocator.py): "
-                             "huge pages and glibc's fixed 16 MiB mmap threshold")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side, alternating which side goes first")
     parser.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import typer
 
-from mlilt.speed.allocator import tune_allocator
 from mlilt.cli import data, packs, towers
 from mlilt.cli.bench import bench_command
 from mlilt.cli.demo import demo_command
@@ -23,13 +22,5 @@ app.add_typer(towers.app, name="towers")
 
 
 def main() -> None:
-    """The ``mlilt`` command (and ``python -m mlilt``, ``torchrun -m mlilt``).
-
-    It owns its process, so it first tunes the memory allocator for training for the whole
-    process (``mlilt.speed.allocator.tune_allocator``: PyTorch's huge pages through
-    ``THP_MEM_ALLOC_ENABLE`` in the environment, glibc's mmap threshold through ``mallopt``),
-    before any tensor exists: huge pages take effect only then. The library's functions
-    (``mlilt.training.train`` and the rest) never do; ``MLILT_MALLOC=default`` turns it off here too.
-    """
-    tune_allocator()
+    """The ``mlilt`` command (and ``python -m mlilt``, ``torchrun -m mlilt``)."""
     app()

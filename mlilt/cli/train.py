@@ -1,8 +1,7 @@
 """``mlilt train``: train one language pack.
 
 Every option is a ``TrainConfig`` field (``mlilt.training.config``): the names, and the defaults
-shown here, come from its fields; ``--no-cache-text`` and ``--no-cache-features`` turn off
-``cache_text`` and ``cache_features``.
+shown here, come from its fields; ``--no-cache-features`` turns off ``cache_features``.
 """
 from __future__ import annotations
 

@@ -31,8 +31,7 @@ from mlilt.towers.hf_text import HFTextTower
 
 # Captions per attention call on a CPU. Attention's cost grows with the square of the padded
 # length, and the CPU kernel pays per call too. In groups of 8 an anchored ln+adapter step on
-# the offline tower took 0.89 CPU s against 0.92 s in one call, and 130 MB less at the peak
-# (benchmarks/perf/kernel_time.py, benchmarks/perf/README.md).
+# the offline tower took 0.89 CPU s against 0.92 s in one call, and 130 MB less at the peak.
 ATTENTION_GROUP = 8
 
 

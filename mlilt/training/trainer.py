@@ -6,8 +6,7 @@ pack (``metadata``). Under ``torchrun`` every process embeds its slice of each g
 the loss sees the whole batch (``distributed``); only rank 0 writes checkpoints and the pack.
 
 A run leaves the calling process as it found it: the global torch RNG is seeded inside a fork
-of it, no allocator setting is changed (the ``mlilt`` command tunes the allocator, see
-``mlilt.cli.main``), and the current CUDA device changes only for the run's length, under
+of it, no allocator setting is changed, and the current CUDA device changes only for the run's length, under
 ``torchrun`` (``Ranks.worker_scope``).
 """
 from __future__ import annotations
