@@ -3,7 +3,8 @@
 A training batch runs its captions in groups of similar length (less padding), frozen
 convolutions keep no inputs for the backward pass, fused BatchNorm + ReLU6 modules keep only
 their input, other fused norm + activation modules recompute their forward, and CNN towers
-run channels-last. These tests check that embeddings and
+run channels-last; under ``--bf16`` attention runs the math kernel, and steps that run the image
+tower first hand the heap's free memory back. These tests check that embeddings and
 gradients stay the same and that less is kept, not timings (those are in benchmarks/perf).
 """
 from __future__ import annotations
@@ -18,7 +19,6 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
 from mlilt.modeling import encode
-from mlilt.speed.bf16_weights import cache_bf16_weights
 from mlilt.modeling.factory import build_sides
 from mlilt.demo.data import generate_demo
 from mlilt.modeling.encode import length_groups, run_in_length_groups
@@ -280,28 +280,6 @@ def test_transformer_towers_keep_their_layout(family):
     assert not IMAGE_TOWERS[family]().channels_last  # one patch-embedding convolution: nothing to gain
 
 
-def test_frozen_weights_cast_once_give_autocasts_own_bf16_result():
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
-    plain.requires_grad_(False)
-    plain[2].weight.requires_grad_(True)  # a trained layer: autocast already keeps its cast
-    cached = copy.deepcopy(plain)
-    assert cache_bf16_weights(cached) == 1
-    x = torch.randn(4, 16)
-    outs = {}
-    for name, model in (("plain", plain), ("cached", cached)):
-        for _ in range(2):  # the second call reuses the cast
-            inputs = x.clone().requires_grad_(True)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(inputs)
-            out.float().square().sum().backward()
-        outs[name] = out, inputs.grad, model[2].weight.grad
-    assert outs["cached"][0].dtype == torch.bfloat16
-    for got, wanted in zip(outs["cached"], outs["plain"]):
-        assert torch.equal(got, wanted)
-    assert torch.equal(cached(x), plain(x))  # without autocast: the fp32 layer, as before
-
-
 def test_steps_that_run_the_image_tower_hand_free_heap_memory_back_first(tiny_cnn_towers, tmp_path, monkeypatch):
     """Unanchored: before every step (its image activations are large); anchored: never
     (text-only steps would fault the same memory in again)."""
@@ -321,11 +299,35 @@ def test_steps_that_run_the_image_tower_hand_free_heap_memory_back_first(tiny_cn
 
     monkeypatch.setattr(step_module, "return_free_memory", counted_trim)
     counts = {}
-    for name, anchor in (("unanchored", None), ("anchored", str(tmp_path / "unanchored"))):
+    runs = (("unanchored", None, "default"), ("anchored", str(tmp_path / "unanchored"), "default"),
+            ("untrimmed", None, "none"))
+    for name, anchor, paths in runs:
         calls.update(trims=0, steps=0)
         train(TrainConfig(lang="sw", data=str(tmp_path / "data" / "sw" / "train.jsonl"), out=str(tmp_path / name),
                           text_tower="tiny-bert-0", image_tower="tiny-timm-cnn", embed_dim=16, epochs=2,
-                          batch_size=8, method="ln", anchor=anchor, checkpoint_every=0), callbacks=[CountSteps()])
+                          batch_size=8, method="ln", anchor=anchor, checkpoint_every=0, speed_paths=paths),
+              callbacks=[CountSteps()])
         counts[name] = dict(calls)
     assert counts["unanchored"]["steps"] >= 4 and counts["unanchored"]["trims"] == counts["unanchored"]["steps"]
     assert counts["anchored"]["steps"] >= 4 and counts["anchored"]["trims"] == 0
+    assert counts["untrimmed"]["steps"] >= 4 and counts["untrimmed"]["trims"] == 0  # --speed-paths none
+
+
+def test_math_attention_under_bf16_gives_the_default_kernels_result():
+    """The ``math-attention`` path changes the attention kernel under ``--bf16``, not its result
+    beyond bfloat16 rounding: output and input gradients as with PyTorch's own kernel choice."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from mlilt.training.precision import autocast
+
+    qkv = torch.randn(3, 2, 4, 12, 16, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for math_attention in (True, False):
+        inputs = qkv.clone().requires_grad_(True)
+        with autocast(True, torch.device("cpu"), math_attention):
+            out = scaled_dot_product_attention(*inputs)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        results[math_attention] = out.float(), inputs.grad
+    for got, wanted in zip(results[True], results[False]):
+        torch.testing.assert_close(got, wanted, rtol=0.05, atol=0.05)

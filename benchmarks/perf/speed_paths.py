@@ -29,8 +29,8 @@ from vs_full import StepClock  # noqa: E402
 
 WORKLOADS = {  # name -> (anchored, bf16, the speed paths that act on it)
     "anchored": (True, False, ("padding-free",)),
-    "anchored-bf16": (True, True, ("padding-free", "bf16-weights")),
-    "both-towers": (False, False, ("padding-free", "channels-last", "lean-backward")),
+    "anchored-bf16": (True, True, ("padding-free", "math-attention")),
+    "both-towers": (False, False, ("padding-free", "channels-last", "lean-backward", "heap-trim")),
 }
 
 
@@ -57,7 +57,9 @@ def run_variant(args) -> dict:
 
 
 def measure(work: Path, pairs_file: Path, args) -> dict:
-    plan = [(w, v) for w in args.workloads.split(",") for v in variants(WORKLOADS[w][2])]
+    chosen = set(args.variants.split(",")) | {"default"} if args.variants else None
+    plan = [(w, v) for w in args.workloads.split(",") for v in variants(WORKLOADS[w][2])
+            if chosen is None or v in chosen]
     runs: dict[tuple, list[dict]] = {cell: [] for cell in plan}
     for repeat in range(args.repeat):
         for workload, variant in turn_order(plan, repeat):
@@ -90,6 +92,7 @@ def report(runs: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--variants", default="", help="only these variants (comma list; default: all)")
     parser.add_argument("--pairs", type=int, default=800, help="demo scenes; 80%% train (800: 10 steps of 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (default: the whole machine)")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")

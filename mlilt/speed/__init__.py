@@ -16,7 +16,8 @@ SPEED_PATHS = {
     "padding-free": "BERT-family text towers run linear layers, norms and adapters on real tokens only",
     "channels-last": "convolutional image towers run in channels-last memory layout",
     "lean-backward": "frozen convolutions and BatchNorm+ReLU6 keep less for the backward pass",
-    "bf16-weights": "under --bf16, frozen linear weights are cast to bfloat16 once, not every step",
+    "math-attention": "under --bf16 on a CPU, attention runs PyTorch's math kernel, not the flash kernel",
+    "heap-trim": "before each step that runs the image tower, the heap's free memory goes back to the kernel",
 }
 
 
@@ -34,9 +35,8 @@ def parse_speed_paths(value: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def speed_up(encoder, paths: frozenset[str], *, bf16: bool) -> None:
+def speed_up(encoder, paths: frozenset[str]) -> None:
     """Set ``paths`` on one side of a training model (an ``mlilt.modeling.model.SideEncoder``)."""
-    from mlilt.speed.bf16_weights import cache_bf16_weights
     from mlilt.speed.lean_backward import lean_convolutions, lean_norm_clamps
     from mlilt.speed.packed import use_padding_free
 
@@ -47,8 +47,6 @@ def speed_up(encoder, paths: frozenset[str], *, bf16: bool) -> None:
         tower.padding_free = False  # the model's own padded forward, whatever runner it was given
     if "channels-last" not in paths and getattr(tower, "channels_last", False):
         plain_layout(tower)
-    if bf16 and "bf16-weights" in paths:
-        cache_bf16_weights(tower)
     if "lean-backward" in paths and encoder.tower_trains():
         lean_convolutions(tower)
         lean_norm_clamps(tower)

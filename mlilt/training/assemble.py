@@ -32,7 +32,7 @@ def build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, Pa
 def set_speed_levers(encoder: SideEncoder, config: TrainConfig) -> None:
     """The speed paths ``config`` asks for (``mlilt.speed``), and the memory options: time
     traded for less memory where asked."""
-    speed_up(encoder, parse_speed_paths(config.speed_paths), bf16=config.bf16)
+    speed_up(encoder, parse_speed_paths(config.speed_paths))
     if encoder.tower_trains():
         if config.recompute_norms:
             recompute_norm_activations(encoder.tower)

@@ -7,15 +7,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def autocast(bf16: bool, device: torch.device) -> contextlib.ExitStack:
-    """bfloat16 autocast with ``--bf16``. On a CPU attention then runs PyTorch's math kernel:
-    with the flash kernel, whose bf16 backward is slow on CPU, the text tower's forward and
-    backward took 0.92 s in bf16 against 0.95 s in fp32 on an AMX CPU; with the math kernel,
-    0.46 s (benchmarks/perf/levers.py)."""
+def autocast(bf16: bool, device: torch.device, math_attention: bool) -> contextlib.ExitStack:
+    """bfloat16 autocast with ``--bf16``. With ``math_attention`` (the ``math-attention`` speed
+    path), attention on a CPU then runs PyTorch's math kernel: the flash kernel's bf16 backward
+    is slow there (``benchmarks/perf/speed_paths.py``)."""
     stack = contextlib.ExitStack()
     if bf16:
         stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-        if device.type == "cpu":
+        if device.type == "cpu" and math_attention:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack
 
