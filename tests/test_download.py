@@ -296,12 +296,12 @@ def test_cli_prints_summary_and_fails_when_incomplete(tmp_path, monkeypatch):
                               missing_images=[KEYS[2]])
         return report
 
-    monkeypatch.setattr(benchmarks, "download_xm3600", fake)
+    monkeypatch.setitem(benchmarks.DOWNLOADS, "xm3600", fake)
     result = CliRunner().invoke(app, ["download", "xm3600", "--root", str(tmp_path)])
     assert result.exit_code == 1, result.output
     assert "INCOMPLETE" in result.output and KEYS[2] in result.output
 
-    monkeypatch.setattr(benchmarks, "download_xtd10", lambda root, progress=None: VerifyReport(
+    monkeypatch.setitem(benchmarks.DOWNLOADS, "xtd10", lambda root, progress=None, overwrite=False: VerifyReport(
         "xtd10", Path(root) / "xtd10", None))
     result = CliRunner().invoke(app, ["download", "xtd10", "--root", str(tmp_path)])
     assert result.exit_code == 0, result.output

@@ -3,8 +3,7 @@
 A training batch runs its captions in groups of similar length (less padding), frozen
 convolutions keep no inputs for the backward pass, fused BatchNorm + ReLU6 modules keep only
 their input, other fused norm + activation modules recompute their forward, and CNN towers
-run channels-last; under ``--bf16`` attention runs the math kernel, and steps that run the image
-tower first hand the heap's free memory back. These tests check that embeddings and
+run channels-last; under ``--bf16`` attention runs the math kernel. These tests check that embeddings and
 gradients stay the same and that less is kept, not timings (those are in benchmarks/perf).
 """
 from __future__ import annotations
@@ -278,39 +277,6 @@ def test_a_cnn_tower_runs_channels_last_with_the_same_output():
 @pytest.mark.parametrize("family", sorted(set(IMAGE_TOWERS) - {"timm-cnn"}))
 def test_transformer_towers_keep_their_layout(family):
     assert not IMAGE_TOWERS[family]().channels_last  # one patch-embedding convolution: nothing to gain
-
-
-def test_steps_that_run_the_image_tower_hand_free_heap_memory_back_first(tiny_cnn_towers, tmp_path, monkeypatch):
-    """Unanchored: before every step (its image activations are large); anchored: never
-    (text-only steps would fault the same memory in again)."""
-    import mlilt.training.step as step_module
-
-    generate_demo(tmp_path / "data", ["sw"], n=30, image_size=32)
-    calls = {"trims": 0, "steps": 0}
-    trim = step_module.return_free_memory
-
-    def counted_trim():
-        calls["trims"] += 1
-        return trim()
-
-    class CountSteps(Callback):
-        def on_step_end(self, info):
-            calls["steps"] += 1
-
-    monkeypatch.setattr(step_module, "return_free_memory", counted_trim)
-    counts = {}
-    runs = (("unanchored", None, "default"), ("anchored", str(tmp_path / "unanchored"), "default"),
-            ("untrimmed", None, "none"))
-    for name, anchor, paths in runs:
-        calls.update(trims=0, steps=0)
-        train(TrainConfig(lang="sw", data=str(tmp_path / "data" / "sw" / "train.jsonl"), out=str(tmp_path / name),
-                          text_tower="tiny-bert-0", image_tower="tiny-timm-cnn", embed_dim=16, epochs=2,
-                          batch_size=8, method="ln", anchor=anchor, checkpoint_every=0, speed_paths=paths),
-              callbacks=[CountSteps()])
-        counts[name] = dict(calls)
-    assert counts["unanchored"]["steps"] >= 4 and counts["unanchored"]["trims"] == counts["unanchored"]["steps"]
-    assert counts["anchored"]["steps"] >= 4 and counts["anchored"]["trims"] == 0
-    assert counts["untrimmed"]["steps"] >= 4 and counts["untrimmed"]["trims"] == 0  # --speed-paths none
 
 
 def test_math_attention_under_bf16_gives_the_default_kernels_result():

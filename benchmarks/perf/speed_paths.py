@@ -30,7 +30,7 @@ from vs_full import StepClock  # noqa: E402
 WORKLOADS = {  # name -> (anchored, bf16, the speed paths that act on it)
     "anchored": (True, False, ("padding-free",)),
     "anchored-bf16": (True, True, ("padding-free", "math-attention")),
-    "both-towers": (False, False, ("padding-free", "channels-last", "lean-backward", "heap-trim")),
+    "both-towers": (False, False, ("padding-free", "channels-last", "lean-backward")),
 }
 
 

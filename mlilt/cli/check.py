@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from mlilt.cli.common import console, user_errors
+from mlilt.datasets import BENCHMARKS
 
 EXIT_LEAKS = 1
 
@@ -15,7 +16,7 @@ EXIT_LEAKS = 1
 @user_errors
 def check_command(
     data: Annotated[str, typer.Option(help="Training pairs (.jsonl, .csv, .tsv, parquet, dataset).")],
-    against: Annotated[str, typer.Option(help="Benchmark: xm3600, xtd10, multi30k, demo (a `mlilt data demo` "
+    against: Annotated[str, typer.Option(help=f"Benchmark: {', '.join(BENCHMARKS)}, demo (a `mlilt data demo` "
                                               "folder as --root) or custom (a pairs file as --root).")],
     lang: Annotated[str, typer.Option(help="Language of the benchmark captions to check against.")],
     root: Annotated[Optional[str], typer.Option(help="Folder holding the benchmark (or the pairs file "

@@ -8,11 +8,9 @@ from typing import Annotated
 import typer
 
 from mlilt.cli.common import console, user_errors
+from mlilt.datasets import DOWNLOADS
 
-
-class Benchmark(str, enum.Enum):
-    xm3600 = "xm3600"
-    xtd10 = "xtd10"
+Benchmark = enum.Enum("Benchmark", {name: name for name in DOWNLOADS}, type=str)
 
 
 @user_errors
@@ -30,8 +28,6 @@ def download_command(
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from mlilt.datasets import download_xm3600, download_xtd10
-
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=False) as bar:
         tasks: dict[str, int] = {}
@@ -41,10 +37,7 @@ def download_command(
                 tasks[label] = bar.add_task(label, total=total)
             bar.update(tasks[label], completed=done, total=total)
 
-        if benchmark is Benchmark.xm3600:
-            report = download_xm3600(root, progress, overwrite=overwrite)
-        else:
-            report = download_xtd10(root, progress)
+        report = DOWNLOADS[benchmark.value](root, progress, overwrite=overwrite)
     console.print(report.summary(), highlight=False)
     if not report.ok:
         raise typer.Exit(1)

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from mlilt.cli.common import console, user_errors
+from mlilt.datasets import BENCHMARKS
 
 COLUMNS = {  # task -> (header, metric)
     "zeroshot_retrieval": (("t2i R@1", "image_retrieval_recall@1"), ("t2i R@5", "image_retrieval_recall@5"),
@@ -19,7 +20,7 @@ COLUMNS = {  # task -> (header, metric)
 
 @user_errors
 def eval_command(
-    benchmark: Annotated[str, typer.Option(help="xm3600, xtd10, multi30k, demo (a `mlilt data demo` folder), "
+    benchmark: Annotated[str, typer.Option(help=f"{', '.join(BENCHMARKS)}, demo (a `mlilt data demo` folder), "
                                                 "custom (--data), or zeroshot (classification folder).")],
     pack: Annotated[Optional[list[str]], typer.Option(help="Pack folder or name, or a folder of packs; "
                                                            "repeatable.")] = None,

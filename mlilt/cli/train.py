@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlilt.cli.common import console, user_errors
+from mlilt.datasets import BENCHMARKS
 from mlilt.methods.catalog import describe_methods
 from mlilt.speed import SPEED_PATHS
 from mlilt.training.config import TrainConfig
@@ -74,7 +75,7 @@ def train_command(
                                                               "them.")] = D["skip_bad"],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = D["overwrite"],
     exclude_leaks: Annotated[Optional[str], typer.Option(help="Drop pairs that leak this benchmark's test set "
-                                                              "(see `mlilt data check`): xm3600, xtd10, multi30k, "
+                                                              f"(see `mlilt data check`): {', '.join(BENCHMARKS)}, "
                                                               "demo, custom.")] = D["exclude_leaks"],
     leak_root: Annotated[Optional[str], typer.Option(help="Where the --exclude-leaks benchmark "
                                                           "lives.")] = D["leak_root"],

@@ -31,15 +31,15 @@ from mlilt.errors import UsageError
 BENCHMARKS: dict[str, ModuleType] = {module.NAME: module for module in (xm3600, xtd10, multi30k)}
 CAPTION_CHOICES = ("first", "all")
 XM3600_LANGUAGES = xm3600.LANGUAGES
-download_xm3600 = xm3600.download
-download_xtd10 = xtd10.download
+# name -> download(root, progress, overwrite): the benchmarks mlilt can fetch
+DOWNLOADS = {name: module.download for name, module in BENCHMARKS.items() if hasattr(module, "download")}
 
 # Counts that mean data the benchmark should have is not there: these are warned about.
 # "captions_dropped_not_first" is the protocol at work, not a problem, so it is only counted.
 _MISSING_KEYS = ("images_missing_on_disk", "images_without_language", "captions_empty")
 
 __all__ = ["BENCHMARKS", "CAPTION_CHOICES", "XM3600_LANGUAGES", "RetrievalSet", "VerifyReport",
-           "benchmark_languages", "download_xm3600", "download_xtd10", "load_benchmark"]
+           "benchmark_languages", "DOWNLOADS", "load_benchmark"]
 
 
 def benchmark_languages(name: str) -> list[str]:

@@ -69,11 +69,12 @@ def verify(root: str | os.PathLike) -> VerifyReport:
     return report
 
 
-def download(root: str | os.PathLike, progress: Progress | None = None) -> VerifyReport:
+def download(root: str | os.PathLike, progress: Progress | None = None, overwrite: bool = False) -> VerifyReport:
     """Fetch the XTD10 caption files into ``<root>/xtd10/`` and verify; images are the user's.
 
     Files already in ``<root>/xtd10`` (the images the user copied) are left alone; the caption
-    files are (re)written atomically from the downloads.
+    files are (re)written atomically from the downloads, so ``overwrite`` (which replaces a
+    whole XM3600 folder) changes nothing here.
     """
     root = Path(root)
     target = root / NAME

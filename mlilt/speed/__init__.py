@@ -17,7 +17,6 @@ SPEED_PATHS = {
     "channels-last": "convolutional image towers run in channels-last memory layout",
     "lean-backward": "frozen convolutions and BatchNorm+ReLU6 keep less for the backward pass",
     "math-attention": "under --bf16 on a CPU, attention runs PyTorch's math kernel, not the flash kernel",
-    "heap-trim": "before each step that runs the image tower, the heap's free memory goes back to the kernel",
 }
 
 

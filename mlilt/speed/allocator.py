@@ -1,10 +1,8 @@
 """Handing the heap's free memory back to the kernel (glibc's ``malloc_trim``).
 
 glibc keeps freed small blocks in its heap. Where a large object of many small blocks is freed
-for good (training hands the tokenizer back: about 250 MB of small Rust allocations), and
-before each training step that runs the image tower (such a step allocates GBs and takes
-seconds, so the trim costs no measurable time there), training returns that memory at once.
-Other C libraries are left alone.
+for good (training hands the tokenizer back: about 250 MB of small Rust allocations), training
+returns that memory at once. Other C libraries are left alone.
 """
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ import torch
 
 from mlilt.modeling.model import contrastive_loss
 from mlilt.speed import parse_speed_paths
-from mlilt.speed.allocator import return_free_memory
 from mlilt.training.callbacks import Callback, StepInfo
 from mlilt.training.config import TrainConfig
 from mlilt.training.distributed import Ranks
@@ -19,11 +18,6 @@ def train_step(info: StepInfo, optimizer: torch.optim.Optimizer, config: TrainCo
     each phase begin (``Callback.on_step_phase``)."""
     model, split, texts, images, params = info.model, info.split, info.texts, info.images, info.params
     paths = parse_speed_paths(config.speed_paths)
-    if not images.cached and "heap-trim" in paths:
-        # A step that runs the image tower allocates GBs of activations, and the heap memory
-        # the last one freed stays resident: handed back, this step's peak counts only what
-        # it touches (benchmarks/perf/README.md).
-        return_free_memory()
     with autocast(config.bf16, ranks.device, "math-attention" in paths):
         hooks.on_step_phase(info, "text")
         text = ranks.gather(texts.embed("train", split, info.local).float())
