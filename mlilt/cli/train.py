@@ -25,12 +25,27 @@ NEGATED = {"no_cache_features": "cache_features"}  # flag -> the field it turns 
 @user_errors
 def train_command(
     lang: Annotated[str, typer.Option(help="Language code of the captions and of the pack, e.g. sw.")],
-    data: Annotated[str, typer.Option(help="Pairs: JSONL/CSV/TSV (image path relative to the file + caption), "
-                                           "parquet/arrow, or a Hugging Face dataset name.")],
     out: Annotated[str, typer.Option(help="Pack folder to write (atomically).")],
+    data: Annotated[Optional[str], typer.Option(help="Image-caption pairs: JSONL/CSV/TSV (image path relative to "
+                                                     "the file + caption), parquet/arrow, or a Hugging Face "
+                                                     "dataset name.")] = None,
+    parallel: Annotated[Optional[list[str]], typer.Option(help="Parallel sentences learned from --teacher "
+                                                               "(repeatable): TSV/TSV.gz source<TAB>target[<TAB>"
+                                                               "more], JSONL with source/target, parquet/arrow or "
+                                                               "a dataset.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Pack whose text side embeds the --parallel sources; the "
+                                                        "new pack lives in its image space.")] = D["teacher"],
+    parallel_columns: Annotated[Optional[str], typer.Option(help="SOURCE,TARGET column names of parquet/arrow/"
+                                                                 "dataset parallel data.")] = D["parallel_columns"],
+    distill_loss: Annotated[str, typer.Option(help="mse (student(target) and student(source) to teacher(source)), "
+                                                   "contrastive (in-batch InfoNCE to the teacher) or "
+                                                   "both.")] = D["distill_loss"],
+    distill_weight: Annotated[float, typer.Option(help="Weight of the distillation loss when --data trains "
+                                                       "too.")] = D["distill_weight"],
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = D["method"],
     anchor: Annotated[Optional[str], typer.Option(help="Pack whose image side is reused, frozen: packs on one "
-                                                       "anchor share one image space.")] = D["anchor"],
+                                                       "anchor share one image space (default with --teacher: "
+                                                       "the teacher).")] = D["anchor"],
     text_tower: Annotated[str, typer.Option(help="Text tower: me5-small (offline) or a HF "
                                                 "name/folder.")] = D["text_tower"],
     image_tower: Annotated[str, typer.Option(help="Image tower: effnet-lite0 (offline), MODEL:PRETRAINED "
@@ -96,7 +111,8 @@ def train_command(
                                                          "of reading and writing the on-disk feature "
                                                          "cache.")] = not D["cache_features"],
 ):
-    """Train a language pack on image-caption pairs with frozen towers.
+    """Train a language pack with frozen towers, from image-caption pairs (--data), from parallel
+    sentences and a teacher pack (--parallel, --teacher: no images needed), or from both.
 
     Several GPUs or nodes: torchrun --nproc_per_node N -m mlilt train ... (--batch-size stays the
     global batch; only rank 0 writes).
@@ -109,12 +125,16 @@ def train_command(
         return
     print_report(result.report)
     val = result.metrics
-    console.print(f"[green]pack written:[/] {result.pack}  (val mean recall {val['mean_recall']:.1f}, "
-                  f"t2i R@1 {val['image_retrieval_recall@1']:.1f}, i2t R@1 {val['text_retrieval_recall@1']:.1f})")
+    if "image_retrieval_recall@1" in val:
+        detail = f"t2i R@1 {val['image_retrieval_recall@1']:.1f}, i2t R@1 {val['text_retrieval_recall@1']:.1f}"
+    else:
+        detail = f"held-out parallel pairs, target->source R@1 {val['target_to_source_recall@1']:.1f}"
+    console.print(f"[green]pack written:[/] {result.pack}  (val mean recall {val['mean_recall']:.1f}, {detail})")
 
 
 def config_from_options(options: dict) -> TrainConfig:
     """The TrainConfig of ``train_command``'s arguments (by name; the ``--no-*`` flags inverted)."""
+    options = {**options, "parallel": tuple(options.get("parallel") or ())}
     return TrainConfig(**{NEGATED.get(name, name): not value if name in NEGATED else value
                           for name, value in options.items()})
 

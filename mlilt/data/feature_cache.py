@@ -23,6 +23,9 @@ from mlilt.towers.image import ImageTower
 
 
 class FeatureCache:
+    """Entries of one frozen function (an image tower, a distillation teacher: anything with a
+    ``fingerprint()`` and a ``width``), one .npy per key."""
+
     def __init__(self, tower: ImageTower, root: Path | None = None):
         self.tower = tower
         self.folder = (root or cache_dir() / "features") / tower.fingerprint()[:24]
@@ -60,7 +63,20 @@ def tower_features(tower: ImageTower, images: list[ImageLike], batch_size: int =
                    cache: FeatureCache | None = None, sources: list[str] | None = None,
                    progress=None) -> torch.Tensor:
     """Pooled features [N, width] of a frozen image tower, through the cache when given."""
+    def compute(chunk: list[int]) -> np.ndarray:
+        pixels = torch.stack([tower.preprocess(load_image(images[i], sources[i] if sources else None))
+                              for i in chunk])
+        with torch.no_grad():  # the tower may sit on a GPU (training moves it there)
+            return tower(pixels.to(next(tower.parameters()).device)).float().cpu().numpy()
+
     keys = [image_id(img) for img in images] if cache is not None else None
+    return cached_rows(len(images), tower.width, compute, keys, cache, batch_size, progress)
+
+
+def cached_rows(count: int, width: int, compute, keys: list[str] | None = None, cache: FeatureCache | None = None,
+                batch_size: int = 32, progress=None) -> torch.Tensor:
+    """Rows [count, width] of a frozen function: ``compute(indices)`` gives the rows of those
+    indices (an array), run in batches for those that ``cache`` (entries by ``keys``) lacks."""
     found: dict[int, np.ndarray] = {}
     if cache is not None:
         for index, key in enumerate(keys):
@@ -68,14 +84,10 @@ def tower_features(tower: ImageTower, images: list[ImageLike], batch_size: int =
             if cached is not None:
                 found[index] = cached
         cache.hits += len(found)
-    todo = [i for i in range(len(images)) if i not in found]
+    todo = [i for i in range(count) if i not in found]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        pixels = torch.stack([tower.preprocess(load_image(images[i], sources[i] if sources else None))
-                              for i in chunk])
-        with torch.no_grad():  # the tower may sit on a GPU (training moves it there)
-            computed = tower(pixels.to(next(tower.parameters()).device)).float().cpu().numpy()
-        for i, row in zip(chunk, computed):
+        for i, row in zip(chunk, compute(chunk)):
             found[i] = row
             if cache is not None:
                 cache.put(keys[i], row)
@@ -83,6 +95,6 @@ def tower_features(tower: ImageTower, images: list[ImageLike], batch_size: int =
             progress(len(chunk))
     if cache is not None:
         cache.misses += len(todo)
-    if not images:
-        return torch.empty(0, tower.width)
-    return torch.from_numpy(np.stack([found[i] for i in range(len(images))]))
+    if not count:
+        return torch.empty(0, width)
+    return torch.from_numpy(np.stack([found[i] for i in range(count)]))

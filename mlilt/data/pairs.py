@@ -19,11 +19,13 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,11 +417,17 @@ def _image_problem(ref: ImageRef, decode: bool) -> _RowError | None:
 
 
 def _read_bytes(path: Path, label: str) -> bytes:
-    """The file's bytes, BOM removed; empty and UTF-16 files are refused up front."""
+    """The file's bytes (decompressed when its name ends in ``.gz``), BOM removed; empty and
+    UTF-16 files are refused up front."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    if path.suffix.lower() == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; EOFError: cut short
+            raise DataError(f"{label}: not a valid gzip file ({exc})") from None
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise DataError(f"{label}:1: file is UTF-16 encoded; save it as UTF-8")
     data = data.removeprefix(b"\xef\xbb\xbf")
@@ -428,18 +436,27 @@ def _read_bytes(path: Path, label: str) -> bytes:
     return data
 
 
-def _jsonl_records(path: Path, label: str) -> Iterator[tuple[str, Any]]:
-    """One JSON object per line; blank lines are ignored (editors leave them at the end)."""
+def _lines(path: Path, label: str) -> Iterator[tuple[str, int, str | _RowError]]:
+    """(where, line number, text) of each non-blank line; a line that is not UTF-8 is a _RowError.
+
+    Blank lines are ignored (editors leave them at the end).
+    """
     for number, raw in enumerate(_read_bytes(path, label).split(b"\n"), start=1):
         where = f"{label}:{number}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             message = f"not valid UTF-8 (byte {exc.start + 1} of the line); save the file as UTF-8"
-            yield where, _RowError("bad_encoding", message)
+            yield where, number, _RowError("bad_encoding", message)
             continue
         if text.strip():
-            yield where, _parse_json_line(text, number)
+            yield where, number, text
+
+
+def _jsonl_records(path: Path, label: str) -> Iterator[tuple[str, Any]]:
+    """One JSON object per non-blank line."""
+    for where, number, text in _lines(path, label):
+        yield where, text if isinstance(text, _RowError) else _parse_json_line(text, number)
 
 
 def _parse_json_line(text: str, number: int) -> Any:

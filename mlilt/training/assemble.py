@@ -4,7 +4,7 @@ from __future__ import annotations
 from mlilt.methods import MethodReport
 from mlilt.modeling.factory import build_sides, image_side_of
 from mlilt.modeling.model import ContrastiveModel, SideEncoder
-from mlilt.packs import Pack, read_pack
+from mlilt.packs import Pack, read_pack, resolve_pack
 from mlilt.speed import parse_speed_paths, speed_up
 from mlilt.speed.grad_checkpoint import checkpoint_blocks
 from mlilt.speed.lean_backward import recompute_norm_activations
@@ -17,12 +17,13 @@ def build_model(config: TrainConfig) -> tuple[ContrastiveModel, MethodReport, Pa
     text_tower = load_text_tower(config.text_tower, pooling=config.pooling, max_length=config.max_length,
                                  prefix=config.text_prefix)
     image_tower = load_image_tower(config.image_tower)
-    frozen = ("image",) if config.anchor else ()
+    anchor_spec = config.anchor_pack()
+    frozen = ("image",) if anchor_spec else ()
     sides, report = build_sides({"text": text_tower, "image": image_tower}, config.method, config.embed_dim,
                                 frozen_sides=frozen, seed=config.seed)
     anchor = None
-    if config.anchor:
-        anchor = read_pack(config.anchor)
+    if anchor_spec:
+        anchor = read_pack(resolve_pack(anchor_spec))
         sides["image"] = image_side_of(anchor, image_tower)
     for encoder in sides.values():
         set_speed_levers(encoder, config)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from mlilt.methods import MethodReport
     from mlilt.modeling.model import ContrastiveModel
     from mlilt.training.checkpoint import FitState
+    from mlilt.training.distill import DistillSource
     from mlilt.training.sources import ImageSource, TextSource
     from mlilt.data.split import Split
 
@@ -37,13 +38,15 @@ class StepInfo:
 
     epoch: int  # the epoch in progress (1-based)
     step: int  # steps done before this one, over the run
-    batch: list[int]  # the global batch: caption indices into ``split``
+    batch: list[int]  # the global batch: caption indices into ``split`` (parallel pairs when it has none)
     local: list[int]  # this process's share of ``batch``
     split: "Split"
     model: "ContrastiveModel"
     params: list["torch.Tensor"]  # the trainable parameters
     texts: "TextSource"
     images: "ImageSource"
+    distill: "DistillSource | None" = None  # the parallel pairs, when the run learns from a teacher
+    distill_local: list[int] | None = None  # this process's share of the step's parallel pairs
     started: float = 0.0
     seconds: float = 0.0  # wall seconds of the step
     loss: float | None = None  # None when the step was skipped

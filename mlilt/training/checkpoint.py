@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 STATE_FILE = "checkpoint.json"
 TENSOR_FILE = "checkpoint.safetensors"
 # Fields a resumed run may change: they do not alter what is computed.
-MAY_DIFFER = frozenset({"out", "overwrite", "resume", "checkpoint_every", "skip_nonfinite", "cache_features", "data",
+MAY_DIFFER = frozenset({"out", "overwrite", "resume", "checkpoint_every", "skip_nonfinite", "cache_features", "data", "parallel", "teacher",
                         "grad_checkpointing", "recompute_norms",
                         "speed_paths"})
 

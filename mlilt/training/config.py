@@ -18,12 +18,17 @@ from mlilt.speed import parse_speed_paths
 @dataclass
 class TrainConfig:
     lang: str  # language code of the captions (and of the pack)
-    data: str  # JSONL/CSV/TSV file, parquet/arrow, or a Hugging Face dataset name
+    data: str | None  # image-caption pairs: JSONL/CSV/TSV file, parquet/arrow, a Hugging Face dataset; None: none
     out: str  # the pack folder to write
     method: str = DEFAULT_METHOD  # e.g. ln+adapter, lora:8, unlock:2, full-text
     text_tower: str = DEFAULT_TEXT_TOWER
     image_tower: str = DEFAULT_IMAGE_TOWER
-    anchor: str | None = None  # a pack whose image side is reused, frozen
+    anchor: str | None = None  # a pack whose image side is reused, frozen (default with a teacher: the teacher)
+    parallel: tuple[str, ...] = ()  # parallel-sentence files (source<TAB>target...), learned from a teacher
+    parallel_columns: str | None = None  # "SOURCE,TARGET" column names of parquet/arrow/dataset parallel data
+    teacher: str | None = None  # a pack whose text side embeds the parallel sources (the student's targets)
+    distill_loss: str = "mse"  # mse, contrastive (in-batch text-text InfoNCE) or both
+    distill_weight: float = 1.0  # the distillation loss's weight when image-caption pairs train too
     embed_dim: int = DEFAULT_EMBED_DIM
     epochs: int = 5
     batch_size: int = 64
@@ -53,6 +58,7 @@ class TrainConfig:
 
     def __post_init__(self):
         parse_method(self.method)  # raises a UsageError naming the bad part
+        self.parallel = (self.parallel,) if isinstance(self.parallel, str) else tuple(self.parallel)
         parse_speed_paths(self.speed_paths)
         checks = [(self.epochs >= 1, "--epochs must be at least 1"),
                   (self.batch_size >= 2, "--batch-size must be at least 2 (contrastive loss needs negatives)"),
@@ -66,13 +72,29 @@ class TrainConfig:
                   (self.max_length >= 4, "--max-length must be at least 4 tokens"),
                   (bool(self.lang.strip()), "--lang must not be empty"),
                   (self.pooling in (None, "mean", "cls"), "--pooling must be mean or cls"),
-                  (self.exclude_leaks is None or bool(self.leak_root), "--exclude-leaks needs --leak-root")]
+                  (self.exclude_leaks is None or bool(self.leak_root), "--exclude-leaks needs --leak-root"),
+                  (bool(self.data) or bool(self.parallel), "give --data (image-caption pairs), --parallel "
+                                                           "(parallel sentences with a --teacher), or both"),
+                  (not self.parallel or bool(self.teacher), "--parallel needs --teacher: the pack whose text "
+                                                            "side embeds the source sentences"),
+                  (not self.teacher or bool(self.parallel), "--teacher needs --parallel: the sentences to "
+                                                            "learn from it"),
+                  (self.distill_loss in ("mse", "contrastive", "both"),
+                   "--distill-loss must be mse, contrastive or both"),
+                  (self.distill_weight > 0, "--distill-weight must be positive"),
+                  (self.parallel_columns is None or len(self.parallel_columns.split(",")) == 2,
+                   "--parallel-columns must be SOURCE,TARGET")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "parallel": list(self.parallel)}
+
+    def anchor_pack(self) -> str | None:
+        """The pack whose image side the run reuses: ``anchor``, else the teacher's (the student
+        lives in its teacher's space)."""
+        return self.anchor or self.teacher
 
 
     @classmethod
@@ -82,7 +104,7 @@ class TrainConfig:
 
 
 # What each field's annotation accepts (an int is a float too; bool is not an int here).
-_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "tuple[str, ...]": (list, tuple)}
 
 
 def check_settings(settings: dict, where: str = "settings") -> None:

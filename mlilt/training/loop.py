@@ -12,6 +12,7 @@ from mlilt.training.callbacks import Callback, StepInfo
 from mlilt.training.checkpoint import (FitState, NumericalError, checkpoint_dir, find_checkpoint, load_checkpoint,
                                        save_checkpoint)
 from mlilt.training.config import TrainConfig
+from mlilt.training.distill import DistillSource
 from mlilt.training.distributed import Ranks
 from mlilt.training.optim import build_optimizer, build_schedule
 from mlilt.training.progress import TrainProgress
@@ -32,6 +33,11 @@ class Parts:
     texts: TextSource
     images: ImageSource
     ranks: Ranks = field(default_factory=Ranks)
+    distill: DistillSource | None = None
+
+    def epoch_items(self) -> int:
+        """What an epoch goes through once: the training captions, else the parallel pairs."""
+        return len(self.train_split.captions) or len(self.distill or ())
 
 
 class Loop:
@@ -41,14 +47,14 @@ class Loop:
     def __init__(self, parts: Parts, config: TrainConfig, progress: TrainProgress, hooks: Callback = Callback(),
                  data_hash: str = ""):
         self.parts, self.config, self.progress, self.hooks, self.data_hash = parts, config, progress, hooks, data_hash
-        self.steps_per_epoch = len(parts.train_split.captions) // config.batch_size or 1
+        self.steps_per_epoch = parts.epoch_items() // config.batch_size or 1
         self.optimizer = build_optimizer(parts.model, config)
         self.schedule = build_schedule(self.optimizer, self.steps_per_epoch * config.epochs, config)
         self.generator = torch.Generator().manual_seed(config.seed)  # same seed on every rank: same order
         self.where = checkpoint_dir(config.out)
 
     def fit(self) -> FitState:
-        config, split = self.config, self.parts.train_split
+        config = self.config
         if self._resuming():
             state = load_checkpoint(self.where, self.parts.model, self.optimizer, self.schedule, self.generator,
                                     config, self.data_hash)
@@ -56,7 +62,7 @@ class Loop:
             state = FitState(history=[{"epoch": 0, "val": self._validate()}])
             self._checkpoint(state)
         self.hooks.on_fit_start(state)
-        size = min(config.batch_size, len(split.captions))
+        size = min(config.batch_size, self.parts.epoch_items())
         with self.progress.task("training", self.steps_per_epoch * config.epochs * size) as advance:
             advance(state.step * size)
             while state.epoch <= config.epochs:
@@ -82,15 +88,23 @@ class Loop:
             self.hooks.on_checkpoint(state)
 
     def _validate(self) -> dict:
+        """Image-text recall on the held-out pairs; with parallel pairs, their held-out recall
+        too (``distill_`` keys), or alone when the run has no image-caption pairs."""
         parts = self.parts
-        return validate_on_main(parts.model, parts.val_split, parts.texts, parts.images, parts.ranks)
+        if parts.distill is None:
+            return validate_on_main(parts.model, parts.val_split, parts.texts, parts.images, parts.ranks)
+        distill = parts.ranks.broadcast(parts.distill.validate() if parts.ranks.is_main else None)
+        if not parts.train_split.captions:
+            return distill
+        val = validate_on_main(parts.model, parts.val_split, parts.texts, parts.images, parts.ranks)
+        return {**val, **{f"distill_{key}": value for key, value in distill.items()}}
 
     def _epoch(self, state: FitState, advance) -> None:
         """Run (the rest of) the epoch in progress, then validate and checkpoint it."""
         config = self.config
         params = self.parts.model.trainable_parameters()
         if state.order is None:
-            state.order = torch.randperm(len(self.parts.train_split.captions), generator=self.generator).tolist()
+            state.order = torch.randperm(self.parts.epoch_items(), generator=self.generator).tolist()
         todo = batches(state.order, config.batch_size)
         started = time.perf_counter() - state.seconds
         while state.batch < len(todo):
@@ -107,7 +121,11 @@ class Loop:
         parts, config = self.parts, self.config
         info = StepInfo(epoch=state.epoch, step=state.step, batch=batch, local=parts.ranks.local_slice(batch),
                         split=parts.train_split, model=parts.model, params=params, texts=parts.texts,
-                        images=parts.images)
+                        images=parts.images, distill=parts.distill)
+        if parts.distill is not None:
+            pairs = (parts.distill.batch_for(state.epoch, state.batch, len(batch), config.seed)
+                     if parts.train_split.captions else batch)
+            info.distill_local = parts.ranks.local_slice(pairs)
         self.hooks.on_step_start(info)
         info.started = time.perf_counter()
         info.loss, info.fault = train_step(info, self.optimizer, config, parts.ranks, self.hooks)

@@ -7,7 +7,7 @@ from mlilt.packs import Pack, PackConfig
 from mlilt.training.config import TrainConfig
 
 # Settings that say where a run read and wrote, not how the pack was trained.
-NOT_RECORDED = ("out", "overwrite", "data", "resume")
+NOT_RECORDED = ("out", "overwrite", "data", "parallel", "resume")
 
 
 def pack_config(config: TrainConfig, model: ContrastiveModel, report: MethodReport, anchor: Pack | None,
@@ -19,5 +19,5 @@ def pack_config(config: TrainConfig, model: ContrastiveModel, report: MethodRepo
     return PackConfig.for_model(
         model, language=config.lang, method=config.method,
         image_method=anchor.config.image_method if anchor else config.method,
-        anchor={"name": str(config.anchor), "image_side_id": anchor.config.image_side_id} if anchor else None,
+        anchor={"name": str(config.anchor_pack()), "image_side_id": anchor.config.image_side_id} if anchor else None,
         data=summary, metrics={"val": best["val"]}, training=training, trainable=report.to_dict())

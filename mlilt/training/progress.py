@@ -36,6 +36,10 @@ class TrainProgress:
     def log_epoch(self, row: dict) -> None:
         if self.console is not None:
             val = row["val"]
+            if "image_retrieval_recall@1" in val:
+                detail = (f"t2i R@1 {val['image_retrieval_recall@1']:.1f}, "
+                          f"i2t R@1 {val['text_retrieval_recall@1']:.1f}")
+            else:  # parallel pairs only: the student's translations retrieving the teacher's sources
+                detail = f"target->source R@1 {val['target_to_source_recall@1']:.1f}, distance {val['distance']:.3f}"
             self.console.print(f"epoch {row['epoch']}: loss {row['loss']:.3f}, val mean recall "
-                               f"{val['mean_recall']:.1f} (t2i R@1 {val['image_retrieval_recall@1']:.1f}, "
-                               f"i2t R@1 {val['text_retrieval_recall@1']:.1f}), {row['samples_per_s']} samples/s")
+                               f"{val['mean_recall']:.1f} ({detail}), {row['samples_per_s']} samples/s")

@@ -12,6 +12,7 @@ of it, no allocator setting is changed, and the current CUDA device changes only
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from mlilt.training.metadata import pack_config
 from mlilt.training.precision import warn_slow_bf16
 from mlilt.training.progress import TrainProgress
 from mlilt.training.sources import ImageSource, TextSource
+from mlilt.training.distill import DistillSource, load_parallel, sentences
 from mlilt.training.split import check_split, load_data
+from mlilt.training.teachers import load_teacher
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -68,8 +71,9 @@ class Trainer:
     def _run(self, ranks: Ranks, console) -> TrainResult:
         config = self.config
         check_pack_destination(config.out, config.overwrite)  # before any work
-        train_split, val_split, summary = load_data(config)
-        check_split(len(train_split.captions), config.batch_size, ranks.world)
+        train_split, val_split, summary = load_data(config) if config.data else (sentences([]), sentences([]), {})
+        parallel = load_parallel(config) if config.parallel else None
+        check_split(len(train_split.captions) or len(parallel), config.batch_size, ranks.world)
         model, report, anchor = build_model(config)
         self.hooks.on_model_built(model, report)
         model.to(ranks.device)
@@ -77,12 +81,20 @@ class Trainer:
         texts = TextSource(model.text, ranks.device)
         progress = TrainProgress(console)
         warn_slow_bf16(config.bf16, ranks.device, console)
+        distill = None
+        if parallel is not None:
+            teacher = load_teacher(config.teacher)
+            with progress.task("teacher embeddings", len(set(parallel.sources))) as advance:
+                distill = DistillSource(parallel, teacher, texts, config.holdout, config.seed, config.distill_loss,
+                                        use_cache=config.cache_features, progress=advance)
+            summary["parallel"] = parallel.summary()
+            summary["teacher"] = {"spec": config.teacher, "fingerprint": teacher.fingerprint()}
         texts.prepare(train_split, val_split)
         started = time.perf_counter()
         images.prepare(train_split, val_split, progress, ranks)
         self.hooks.on_image_features(images, time.perf_counter() - started)
-        parts = Parts(model, train_split, val_split, texts, images, ranks)
-        state = Loop(parts, config, progress, self.hooks, summary.get("sha256", "")).fit()
+        parts = Parts(model, train_split, val_split, texts, images, ranks, distill)
+        state = Loop(parts, config, progress, self.hooks, data_hash(summary)).fit()
         restore(model, state.best_state)
         pack = Path(config.out)
         if ranks.is_main:
@@ -97,6 +109,15 @@ class Trainer:
 def train(config: TrainConfig, console=None, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train one pack (``Trainer(config, console, callbacks).run()``)."""
     return Trainer(config, console=console, callbacks=callbacks).run()
+
+
+def data_hash(summary: dict) -> str:
+    """What a resumed run must train on: the pairs' content hash, and with parallel pairs,
+    theirs and the teacher's fingerprint."""
+    if "parallel" not in summary:
+        return summary.get("sha256", "")
+    parts = (summary.get("sha256", ""), summary["parallel"]["sha256"], summary["teacher"]["fingerprint"])
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 @contextlib.contextmanager
