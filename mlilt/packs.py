@@ -35,8 +35,9 @@ PACKS_ENV = "MLILT_PACKS"
 INDEX_FILE = "index.json"
 
 
-def image_side_id(tower_fingerprint: str, tensors: dict[str, torch.Tensor]) -> str:
-    """Identity of an image embedding space: the tower plus every image-side tensor."""
+def side_id(tower_fingerprint: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Identity of one side's embedding space: its tower plus every tensor of that side (for the
+    image side, ``image_side_id``: packs with the same one share an image space)."""
     digest = hashlib.sha256(tower_fingerprint.encode())
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
@@ -79,7 +80,7 @@ class PackConfig:
                             "options": {}}}
         return cls(language=language, method=method, image_method=image_method or method,
                    embed_dim=model.text.proj.out_features, towers=towers,
-                   image_side_id=image_side_id(model.image.base_fingerprint, image_tensors), **rest)
+                   image_side_id=side_id(model.image.base_fingerprint, image_tensors), **rest)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str) -> "PackConfig":
@@ -267,7 +268,7 @@ def _check_checksum(pack: Pack, data: bytes, tensor_file: Path) -> None:
 
 def _check_image_side(pack: Pack) -> None:
     fingerprint = pack.config.towers.get("image", {}).get("fingerprint", "")
-    actual = image_side_id(fingerprint, pack.side_tensors("image"))
+    actual = side_id(fingerprint, pack.side_tensors("image"))
     if actual != pack.config.image_side_id:
         raise PackError(f"{pack.path}: image-side tensors do not match the recorded image_side_id "
                         f"(file changed or corrupted)")

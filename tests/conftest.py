@@ -70,3 +70,12 @@ def _registered(text, image):
 
     with registered(text, image):
         yield {"text": text, "image": image}
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Keep load_dataset's converted copies out of the user's cache."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    datasets.disable_progress_bars()
+    return datasets

@@ -55,15 +55,6 @@ def images(tmp_path):
     return [png(tmp_path / "imgs" / f"{i}.png", color=(40 * i, 10, 90)) for i in range(3)]
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """Keep load_dataset's converted copies out of the user's cache."""
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    datasets.disable_progress_bars()
-    return datasets
-
-
 # --------------------------------------------------------------------------- formats
 
 

@@ -26,7 +26,7 @@ from mlilt.data.pairs import read_pairs
 from mlilt.modeling.encode import encode_texts
 from mlilt.errors import PackError, UsageError
 from mlilt.modeling.model import ContrastiveModel, SideEncoder
-from mlilt.packs import (FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, image_side_id, read_pack,
+from mlilt.packs import (FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, read_pack, side_id,
                          save_pack)
 from mlilt.towers.registry import registered
 from mlilt.training.callbacks import Callback
@@ -374,7 +374,7 @@ def test_pack_config_has_the_documented_keys(sw, en, towers, demo):
         assert HEX64.match(raw["towers"][side]["fingerprint"])
     assert raw["towers"]["text"]["options"] == {"pooling": "mean", "max_length": 32, "prefix": ""}
     image = {k[len("image."):]: v for k, v in model.pack_state().items() if k.startswith("image.")}
-    assert raw["image_side_id"] == image_side_id(towers["image"].fingerprint(), image)
+    assert raw["image_side_id"] == side_id(towers["image"].fingerprint(), image)
     assert raw["anchor"] is None
     assert HEX64.match(raw["data"]["sha256"])
     assert raw["data"]["sha256"] == read_pairs(demo.files("sw")["train"], lang="sw").summary()["sha256"]

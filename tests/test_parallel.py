@@ -14,6 +14,7 @@ from mlilt.errors import DataError, UsageError
 
 
 def write_tsv(path: Path, lines: list[str]) -> Path:
+    """``lines`` as a UTF-8 file, gzipped when its name ends in ``.gz``."""
     text = "\n".join(lines) + "\n"
     if path.suffix == ".gz":
         path.write_bytes(gzip.compress(text.encode("utf-8")))
@@ -23,26 +24,11 @@ def write_tsv(path: Path, lines: list[str]) -> Path:
 
 
 def write_jsonl(path: Path, rows) -> Path:
-    lines = [row if isinstance(row, str) else json.dumps(row, ensure_ascii=False) for row in rows]
-    text = "\n".join(lines) + "\n"
-    if path.suffix == ".gz":
-        path.write_bytes(gzip.compress(text.encode("utf-8")))
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
+    return write_tsv(path, [row if isinstance(row, str) else json.dumps(row, ensure_ascii=False) for row in rows])
 
 
 def pairs(result: ParallelSet) -> list[tuple[str, str]]:
     return list(zip(result.sources, result.targets))
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """Keep load_dataset's converted copies out of the user's cache."""
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    datasets.disable_progress_bars()
-    return datasets
 
 
 # --------------------------------------------------------------------------- formats

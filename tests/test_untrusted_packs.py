@@ -30,7 +30,7 @@ import mlilt
 from mlilt.modeling.factory import build_sides
 from mlilt.errors import PackError
 from mlilt.modeling.model import ContrastiveModel
-from mlilt.packs import (FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, image_side_id, read_pack,
+from mlilt.packs import (FORMAT_VERSION, INDEX_FILE, PACK_CONFIG, PACK_TENSORS, PackConfig, read_pack, side_id,
                          save_pack)
 from mlilt.errors import TowerLoadError
 
@@ -134,7 +134,7 @@ def _rewrite_tensors(folder: Path, change, fix_image_side_id: bool = False) -> N
     if fix_image_side_id:
         image = {k[len("image."):]: v for k, v in tensors.items() if k.startswith("image.")}
         _edit_config(folder, lambda raw: raw.update(
-            image_side_id=image_side_id(raw["towers"]["image"]["fingerprint"], image)))
+            image_side_id=side_id(raw["towers"]["image"]["fingerprint"], image)))
 
 
 def _flip(data: bytes, bit: int) -> bytes:

@@ -134,7 +134,6 @@ def train_command(
 
 def config_from_options(options: dict) -> TrainConfig:
     """The TrainConfig of ``train_command``'s arguments (by name; the ``--no-*`` flags inverted)."""
-    options = {**options, "parallel": tuple(options.get("parallel") or ())}
     return TrainConfig(**{NEGATED.get(name, name): not value if name in NEGATED else value
                           for name, value in options.items()})
 

@@ -204,15 +204,25 @@ def _records(label: str, columns: _Columns) -> Iterator[tuple[str, Any, Path | N
             return _dataset_records(_load_dataset_file(path, label), label, path.parent, columns)
         suffix = path.suffix or "(no extension)"
         raise UsageError(f"unsupported format {suffix!r} for {label}; supported: {SUPPORTED}")
+    opened = _open_dataset(label)
+    if opened is None:
+        raise DataError(f"{label}: no such file or folder")
+    dataset, base = opened
+    return _dataset_records(dataset, label, base, columns)
+
+
+def _open_dataset(label: str, hub: bool = True):
+    """(dataset, folder relative paths resolve against) for a folder, ``FOLDER:split`` or, with
+    ``hub``, a Hub dataset name; None when ``label`` is none of them."""
+    path = _expand(label)
     if path.is_dir():
-        return _dataset_records(_load_dataset_folder(path, None, label), label, path, columns)
+        return _load_dataset_folder(path, None, label), path
     folder, _, split = label.rpartition(":")
     if folder and split and _expand(folder).is_dir():
-        dataset = _load_dataset_folder(_expand(folder), split, label)
-        return _dataset_records(dataset, label, _expand(folder), columns)
-    if _looks_like_hub_name(label):
-        return _dataset_records(_load_hub(label), label, None, columns)
-    raise DataError(f"{label}: no such file or folder")
+        return _load_dataset_folder(_expand(folder), split, label), _expand(folder)
+    if hub and _looks_like_hub_name(label):
+        return _load_hub(label), None
+    return None
 
 
 def _expand(text: str) -> Path:

@@ -45,9 +45,7 @@ from mlilt.data.pairs import (
     _kind,
     _lines,
     _load_dataset_file,
-    _load_dataset_folder,
-    _load_hub,
-    _looks_like_hub_name,
+    _open_dataset,
     _RowError,
 )
 from mlilt.errors import DataError, UsageError
@@ -213,14 +211,10 @@ def _rows(label: str, columns: tuple[tuple[str, str], ...]) -> Iterator[tuple[st
         if kind == "dataset":
             return _dataset_rows(_load_dataset_file(path, label), label, columns)
         raise DataError(f"{label}: unsupported format {_suffix(path) or '(no extension)'!r}; supported: {SUPPORTED}")
-    if path.is_dir():
-        return _dataset_rows(_load_dataset_folder(path, None, label), label, columns)
-    folder, _, split = label.rpartition(":")
-    if folder and split and _expand(folder).is_dir():
-        return _dataset_rows(_load_dataset_folder(_expand(folder), split, label), label, columns)
-    if kind is None and _looks_like_hub_name(label):
-        return _dataset_rows(_load_hub(label), label, columns)
-    raise DataError(f"{label}: no such file or folder")
+    opened = _open_dataset(label, hub=kind is None)  # a missing x.tsv is not a Hub name
+    if opened is None:
+        raise DataError(f"{label}: no such file or folder")
+    return _dataset_rows(opened[0], label, columns)
 
 
 def _suffix(path: Path) -> str:

@@ -58,7 +58,7 @@ class TrainConfig:
 
     def __post_init__(self):
         parse_method(self.method)  # raises a UsageError naming the bad part
-        self.parallel = (self.parallel,) if isinstance(self.parallel, str) else tuple(self.parallel)
+        self.parallel = (self.parallel,) if isinstance(self.parallel, str) else tuple(self.parallel or ())
         parse_speed_paths(self.speed_paths)
         checks = [(self.epochs >= 1, "--epochs must be at least 1"),
                   (self.batch_size >= 2, "--batch-size must be at least 2 (contrastive loss needs negatives)"),

@@ -53,6 +53,7 @@ class DistillSource:
             raise UsageError(f"--teacher {teacher.spec}: its embeddings have {teacher.width} dimensions, the "
                              f"student's {width}; pass --embed-dim {teacher.width}")
         self.loss_kind, self.texts, self.teacher = loss, texts, teacher
+        self._order: tuple[int | None, list[int]] = (None, [])  # (epoch, its order of pairs)
         train, val = hold_out(len(parallel), holdout, seed)
         self.train = {"targets": sentences([parallel.targets[i] for i in train]),
                       "sources": sentences([parallel.sources[i] for i in train])}
@@ -85,7 +86,10 @@ class DistillSource:
     def batch_for(self, epoch: int, batch: int, size: int, seed: int) -> list[int]:
         """The parallel pairs of step ``batch`` in ``epoch`` when image–caption pairs set the
         epoch: a seeded order per epoch, cycled, the same on every rank and after a resume."""
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self), generator=generator).tolist())
+        order = self._order[1]
         start = (batch * size) % len(order)
         return [order[(start + i) % len(order)] for i in range(min(size, len(order)))]
 

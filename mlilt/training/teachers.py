@@ -17,7 +17,7 @@ import torch
 from mlilt.data.feature_cache import FeatureCache, cached_rows
 from mlilt.errors import PackError, UsageError
 from mlilt.modeling.encode import encode_texts
-from mlilt.packs import Pack, read_pack, resolve_pack
+from mlilt.packs import Pack, read_pack, resolve_pack, side_id
 from mlilt.speed import text_side_of
 
 
@@ -30,16 +30,14 @@ class PackTeacher:
         self.language = pack.config.language
         self.width = pack.config.embed_dim
         self._side = None
+        self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
-        """sha256 over the pack's text tower fingerprint, its tensors and its language."""
-        digest = hashlib.sha256(f"pack:{self.language}:{self.pack.config.towers['text']['fingerprint']}".encode())
-        for name in sorted(self.pack.tensors):
-            if name.startswith("text."):
-                tensor = self.pack.tensors[name].detach().cpu().contiguous()
-                digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-                digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        return digest.hexdigest()
+        """The identity of the pack's text space in its language: text tower plus text tensors."""
+        if self._fingerprint is None:
+            tower = self.pack.config.towers["text"]["fingerprint"]
+            self._fingerprint = side_id(f"teacher:{self.language}:{tower}", self.pack.side_tensors("text"))
+        return self._fingerprint
 
     def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
         """L2-normalised embeddings [N, width], as ``mlilt.load(pack).encode_text`` gives them."""
