@@ -125,7 +125,7 @@ def test_distillation_options_are_checked_before_any_work(tiny_teacher, tmp_path
     with pytest.raises(UsageError, match="--distill-loss"):
         TrainConfig(lang="sw", data=None, out="o", parallel=("p.tsv",), teacher="t", distill_loss="kl")
     parallel = write_parallel_tsv(tmp_path / "en_sw.tsv", 20, seed=5)
-    with pytest.raises(UsageError, match="--embed-dim 16"):
+    with pytest.raises(UsageError, match="--embed-dim 8 conflicts .* 16 wide"):
         train(_student(tmp_path, tiny_teacher, parallel, embed_dim=8, anchor=None))
     with pytest.raises(UsageError, match="not a folder"):
         load_teacher(str(tmp_path / "no-such-pack"))

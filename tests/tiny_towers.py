@@ -102,3 +102,27 @@ class ForwardCalls:
             self.count += 1
         self.handle = base.register_forward_hook(seen)
 
+
+
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
+                                             "head_width": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def save_tiny_open_clip(folder, seed: int = 0, name: str = "mlilt-tiny-clip") -> str:
+    """A tiny random open_clip model: its config registered with open_clip, its weights saved in
+    ``folder``; returns its ``MODEL:PRETRAINED`` spec (the weights file as PRETRAINED)."""
+    import json
+    from pathlib import Path
+
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / f"{name}.json")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name)
+    torch.save(model.state_dict(), folder / f"weights-{seed}.pt")
+    return f"{name}:{folder / f'weights-{seed}.pt'}"

@@ -33,8 +33,11 @@ def train_command(
                                                                "(repeatable): TSV/TSV.gz source<TAB>target[<TAB>"
                                                                "more], JSONL with source/target, parquet/arrow or "
                                                                "a dataset.")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Pack whose text side embeds the --parallel sources; the "
-                                                        "new pack lives in its image space.")] = D["teacher"],
+    teacher: Annotated[Optional[str], typer.Option(help="What embeds the --parallel sources: a pack (its text "
+                                                        "side; the new pack lives in its image space), an open_clip "
+                                                        "MODEL:PRETRAINED (its encode_text; the pack lives in its "
+                                                        "image space) or a sentence-transformers name/folder (needs "
+                                                        "--anchor or --data).")] = D["teacher"],
     parallel_columns: Annotated[Optional[str], typer.Option(help="SOURCE,TARGET column names of parquet/arrow/"
                                                                  "dataset parallel data.")] = D["parallel_columns"],
     distill_loss: Annotated[str, typer.Option(help="mse (student(target) and student(source) to teacher(source)), "
@@ -43,9 +46,11 @@ def train_command(
     distill_weight: Annotated[float, typer.Option(help="Weight of the distillation loss when --data trains "
                                                        "too.")] = D["distill_weight"],
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = D["method"],
-    anchor: Annotated[Optional[str], typer.Option(help="Pack whose image side is reused, frozen: packs on one "
-                                                       "anchor share one image space (default with --teacher: "
-                                                       "the teacher).")] = D["anchor"],
+    anchor: Annotated[Optional[str], typer.Option(help="The frozen image space the pack lives in: a pack (its "
+                                                       "image side) or an open_clip MODEL:PRETRAINED (its "
+                                                       "encode_image, exactly). Packs on one anchor share one image "
+                                                       "index (default with --teacher: the teacher's "
+                                                       "space).")] = D["anchor"],
     text_tower: Annotated[str, typer.Option(help="Text tower: me5-small (offline) or a HF "
                                                 "name/folder.")] = D["text_tower"],
     image_tower: Annotated[str, typer.Option(help="Image tower: effnet-lite0 (offline), MODEL:PRETRAINED "
@@ -111,11 +116,15 @@ def train_command(
                                                          "of reading and writing the on-disk feature "
                                                          "cache.")] = not D["cache_features"],
 ):
-    """Train a language pack with frozen towers, from image-caption pairs (--data), from parallel
-    sentences and a teacher pack (--parallel, --teacher: no images needed), or from both.
+    """Train a language pack on frozen towers from three sources of signal, alone or together.
 
-    Several GPUs or nodes: torchrun --nproc_per_node N -m mlilt train ... (--batch-size stays the
-    global batch; only rank 0 writes).
+    [bold]--data[/]: image-caption pairs in the language.
+
+    [bold]--parallel[/] with [bold]--teacher[/]: parallel or machine-translated sentences (`mlilt data translate`), distilled from an aligned teacher; no image needed.
+
+    [bold]--anchor[/]: an aligned image space to live in: a pack, or an open_clip MODEL:PRETRAINED whose encode_image the pack keeps exactly.
+
+    Give --data, --parallel, or both. Several GPUs or nodes: torchrun --nproc_per_node N -m mlilt train ... (--batch-size stays the global batch; only rank 0 writes).
     """
     config = config_from_options(locals())  # first: the arguments are all the locals there are yet
     from mlilt.training.trainer import train

@@ -78,14 +78,15 @@ def evaluate(benchmark: str, packs: list[str], root: str | None = None, langs: l
     if unknown:
         raise UsageError(f"{benchmark} has no language {', '.join(unknown)}; it has: {', '.join(available)}")
     sets = benchmark_sets(benchmark, root, needed, captions, data)
-    return _evaluate_packs(loaded, plan, sets) + _evaluate_references(references, reference_langs, sets)
+    spaces: dict[str, ImageSpace] = {}  # image-side id -> its embeddings, shared by packs and references on it
+    return _evaluate_packs(loaded, plan, sets, spaces) + _evaluate_references(references, reference_langs, sets, spaces)
 
 
-def _evaluate_packs(loaded: list[Pack], plan: dict[int, list[str]], sets: dict) -> list[EvalResult]:
+def _evaluate_packs(loaded: list[Pack], plan: dict[int, list[str]], sets: dict,
+                    spaces: dict[str, ImageSpace]) -> list[EvalResult]:
     from mlilt.modeling.factory import image_side_of
     from mlilt.speed import text_side_of
 
-    spaces: dict[str, ImageSpace] = {}
     results = []
     for index, chosen in plan.items():
         pack = loaded[index]
@@ -97,14 +98,18 @@ def _evaluate_packs(loaded: list[Pack], plan: dict[int, list[str]], sets: dict) 
     return results
 
 
-def _evaluate_references(references: list[str], langs: list[str], sets: dict) -> list[EvalResult]:
+def _evaluate_references(references: list[str], langs: list[str], sets: dict,
+                         spaces: dict[str, ImageSpace]) -> list[EvalResult]:
+    """open_clip models; one whose image space packs were anchored on shares their image embeddings."""
     from mlilt.evaluation.reference import reference_sides
+    from mlilt.packs import side_id
 
     results = []
     for spec in references:
         text, image = reference_sides(spec)
+        space = spaces.setdefault(side_id(image.base_fingerprint, image.own_state()), ImageSpace(image))
         name, _, pretrained = spec.partition(":")
-        results += evaluate_sets(text, ImageSpace(image), [sets[lang] for lang in langs], name, pretrained)
+        results += evaluate_sets(text, space, [sets[lang] for lang in langs], name, pretrained)
     return results
 
 

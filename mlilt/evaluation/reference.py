@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlilt.modeling.model import SideEncoder
+from mlilt.modeling.model import SideEncoder, identity_side
 from mlilt.towers.base import Tower
 from mlilt.towers.open_clip_vision import create_open_clip, open_clip_visual_tower
 
@@ -40,12 +40,5 @@ def reference_sides(spec: str) -> tuple[SideEncoder, SideEncoder]:
     model = create_open_clip(spec).eval()
     text_tower = OpenClipTextTower(spec, model, open_clip.get_tokenizer(spec.partition(":")[0])).freeze()
     image_tower = open_clip_visual_tower(spec, model).freeze()
-    return _identity(text_tower), _identity(image_tower)
+    return identity_side(text_tower), identity_side(image_tower)
 
-
-def _identity(tower: Tower) -> SideEncoder:
-    encoder = SideEncoder(tower, tower.width, base=tower)
-    with torch.no_grad():
-        encoder.proj.weight.copy_(torch.eye(tower.width))
-    encoder.freeze()
-    return encoder

@@ -47,6 +47,16 @@ class SideEncoder(nn.Module):
             param.requires_grad_(False)
 
 
+def identity_side(tower: Tower) -> SideEncoder:
+    """A frozen side whose projection is the identity: the space of a tower already aligned
+    (an open_clip model's), kept exactly (``x @ I`` is ``x`` bit for bit in float32)."""
+    encoder = SideEncoder(tower, tower.width, base=tower)
+    with torch.no_grad():
+        encoder.proj.weight.copy_(torch.eye(tower.width))
+    encoder.freeze()
+    return encoder
+
+
 class ContrastiveModel(nn.Module):
     """What one training run optimises: a text side, an image side and a temperature."""
 

@@ -23,10 +23,10 @@ class TrainConfig:
     method: str = DEFAULT_METHOD  # e.g. ln+adapter, lora:8, unlock:2, full-text
     text_tower: str = DEFAULT_TEXT_TOWER
     image_tower: str = DEFAULT_IMAGE_TOWER
-    anchor: str | None = None  # a pack whose image side is reused, frozen (default with a teacher: the teacher)
+    anchor: str | None = None  # the frozen image space: a pack or open_clip MODEL:PRETRAINED (default: the teacher's)
     parallel: tuple[str, ...] = ()  # parallel-sentence files (source<TAB>target...), learned from a teacher
     parallel_columns: str | None = None  # "SOURCE,TARGET" column names of parquet/arrow/dataset parallel data
-    teacher: str | None = None  # a pack whose text side embeds the parallel sources (the student's targets)
+    teacher: str | None = None  # embeds the parallel sources: a pack, open_clip MODEL:PRETRAINED or sentence-transformers model
     distill_loss: str = "mse"  # mse, contrastive (in-batch text-text InfoNCE) or both
     distill_weight: float = 1.0  # the distillation loss's weight when image-caption pairs train too
     embed_dim: int = DEFAULT_EMBED_DIM
@@ -75,8 +75,8 @@ class TrainConfig:
                   (self.exclude_leaks is None or bool(self.leak_root), "--exclude-leaks needs --leak-root"),
                   (bool(self.data) or bool(self.parallel), "give --data (image-caption pairs), --parallel "
                                                            "(parallel sentences with a --teacher), or both"),
-                  (not self.parallel or bool(self.teacher), "--parallel needs --teacher: the pack whose text "
-                                                            "side embeds the source sentences"),
+                  (not self.parallel or bool(self.teacher), "--parallel needs --teacher: the model that embeds "
+                                                            "the source sentences"),
                   (not self.teacher or bool(self.parallel), "--teacher needs --parallel: the sentences to "
                                                             "learn from it"),
                   (self.distill_loss in ("mse", "contrastive", "both"),
@@ -90,12 +90,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "parallel": list(self.parallel)}
-
-    def anchor_pack(self) -> str | None:
-        """The pack whose image side the run reuses: ``anchor``, else the teacher's (the student
-        lives in its teacher's space)."""
-        return self.anchor or self.teacher
-
 
     @classmethod
     def defaults(cls) -> dict:

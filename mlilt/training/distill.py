@@ -24,7 +24,7 @@ from mlilt.modeling.encode import length_sorted_batches
 from mlilt.modeling.model import contrastive_loss
 from mlilt.training.distributed import Ranks
 from mlilt.training.sources import TextSource
-from mlilt.training.teachers import PackTeacher, teacher_embeddings
+from mlilt.training.teachers import Teacher, teacher_embeddings
 
 DISTILL_LOSSES = ("mse", "contrastive", "both")
 
@@ -44,14 +44,14 @@ class DistillSource:
     """The parallel pairs of a run: held-out pairs for validation, the teacher's embeddings of
     every source sentence, and the student's loss on a batch of pairs."""
 
-    def __init__(self, parallel: ParallelSet, teacher: PackTeacher, texts: TextSource, holdout: float,
+    def __init__(self, parallel: ParallelSet, teacher: Teacher, texts: TextSource, holdout: float,
                  seed: int, loss: str, use_cache: bool = True, progress=None):
         if loss not in DISTILL_LOSSES:
             raise UsageError(f"--distill-loss {loss!r}: give one of {', '.join(DISTILL_LOSSES)}")
         width = texts.encoder.proj.out_features
         if teacher.width != width:
             raise UsageError(f"--teacher {teacher.spec}: its embeddings have {teacher.width} dimensions, the "
-                             f"student's {width}; pass --embed-dim {teacher.width}")
+                             f"student's {width}")
         self.loss_kind, self.texts, self.teacher = loss, texts, teacher
         self._order: tuple[int | None, list[int]] = (None, [])  # (epoch, its order of pairs)
         train, val = hold_out(len(parallel), holdout, seed)

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from mlilt.errors import UsageError
 from mlilt.methods import MethodReport
 from mlilt.packs import check_pack_destination, save_pack
 from mlilt.training import distributed
@@ -36,7 +37,7 @@ from mlilt.training.progress import TrainProgress
 from mlilt.training.sources import ImageSource, TextSource
 from mlilt.training.distill import DistillSource, load_parallel, sentences
 from mlilt.training.split import check_split, load_data
-from mlilt.training.teachers import load_teacher
+from mlilt.training.teachers import Teacher, load_teacher
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -74,7 +75,8 @@ class Trainer:
         train_split, val_split, summary = load_data(config) if config.data else (sentences([]), sentences([]), {})
         parallel = load_parallel(config) if config.parallel else None
         check_split(len(train_split.captions) or len(parallel), config.batch_size, ranks.world)
-        model, report, anchor = build_model(config)
+        teacher = load_teacher(config.teacher) if parallel is not None else None
+        model, report, anchor = build_model(config, *student_space(config, teacher))
         self.hooks.on_model_built(model, report)
         model.to(ranks.device)
         images = ImageSource(model.image, config, ranks.device)
@@ -82,8 +84,7 @@ class Trainer:
         progress = TrainProgress(console)
         warn_slow_bf16(config.bf16, ranks.device, console)
         distill = None
-        if parallel is not None:
-            teacher = load_teacher(config.teacher)
+        if teacher is not None:
             with progress.task("teacher embeddings", len(set(parallel.sources))) as advance:
                 distill = DistillSource(parallel, teacher, texts, config.holdout, config.seed, config.distill_loss,
                                         use_cache=config.cache_features, progress=advance)
@@ -109,6 +110,17 @@ class Trainer:
 def train(config: TrainConfig, console=None, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train one pack (``Trainer(config, console, callbacks).run()``)."""
     return Trainer(config, console=console, callbacks=callbacks).run()
+
+
+def student_space(config: TrainConfig, teacher: Teacher | None) -> tuple[str | None, int | None]:
+    """(anchor, width) of a student: it lives in its teacher's space, which must be the anchor's."""
+    if teacher is None:
+        return config.anchor, None
+    anchor = config.anchor or teacher.anchor
+    if anchor is None and not config.data:
+        raise UsageError(f"--teacher {teacher.spec} has no image space: pass --anchor (the pack or open_clip model "
+                         f"whose image space its embeddings live in) or --data (image-caption pairs to learn one)")
+    return anchor, teacher.width
 
 
 def data_hash(summary: dict) -> str:
