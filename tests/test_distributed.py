@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlilt.training.checkpoint import STATE_FILE, checkpoint_dir
-from mlilt.demo.data import generate_demo
+from mlilt.demo.data import caption_scene, generate_demo, make_scenes
 from mlilt.packs import PACK_CONFIG, PACK_TENSORS
 from mlilt.training.trainer import train
 from mlilt.training.config import TrainConfig
@@ -188,3 +188,20 @@ def test_setup_picks_the_gpu_without_making_it_current(monkeypatch):
     two = distributed.Ranks(rank=1, world=2, local_rank=1, device=torch.device("cpu"))
     with two.worker_scope():  # CPU processes: nothing either
         pass
+
+
+def test_two_processes_distil_the_one_process_student(tiny_vit_towers, data, tmp_path, monkeypatch):
+    """Parallel text only: each rank embeds its slice of every batch of sentence pairs, the
+    loss sees the whole batch, and the teacher's embeddings come from one cache."""
+    teacher = train(TrainConfig(**_settings(data, tmp_path / "teacher", epochs=1, method="ln"))).pack
+    scenes = make_scenes(48, seed=9, image_size=32)
+    parallel = tmp_path / "en_sw.tsv"
+    parallel.write_text("".join(f"{caption_scene(s, 'en', 9)}\t{caption_scene(s, 'sw', 9)}\n" for s in scenes))
+    settings = {**_settings(data, tmp_path / "one", method="ln"), "parallel": str(parallel), "teacher": str(teacher)}
+    del settings["data"], settings["image_tower"], settings["embed_dim"]  # all three come from the teacher
+    one = train(TrainConfig(**{**settings, "data": None})).pack
+    monkeypatch.setenv("MLILT_CACHE", str(tmp_path / "fresh-cache"))
+    two = tmp_path / "two"
+    output = _torchrun(tmp_path, {**settings, "out": str(two)}, env={"SEPARATE_OUT": "1"})
+    _assert_same_run(one, two)
+    assert output.count("pack written") == 1
