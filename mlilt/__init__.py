@@ -19,3 +19,8 @@ def __getattr__(name: str):
         from mlilt.packs import list_packs
         return list_packs
     raise AttributeError(f"module 'mlilt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy attributes above are the public API: dir(mlilt) and tab completion show them.
+    return sorted(set(__all__) | {name for name in globals() if name.startswith("__")})

@@ -60,6 +60,20 @@ class MliltModel(nn.Module):
     def languages(self) -> list[str]:
         return list(self.texts)
 
+    def __repr__(self) -> str:
+        # What a user needs to know about a loaded model, not the frozen towers' module tree.
+        first = next(iter(self.configs.values()))
+        towers = first.towers
+        lines = [f"MliltModel({len(self.texts)} language{'s' if len(self.texts) != 1 else ''}, "
+                 f"embed_dim={first.embed_dim}, device={self._placement.device})",
+                 f"  text tower: {towers['text']['spec']}",
+                 f"  image tower: {towers['image']['spec']} ({first.image_method}; "
+                 f"{'loaded' if 'image' in self._modules else 'loads on first use'})"]
+        for lang, config in self.configs.items():
+            size = sum(t.numel() for t in self.texts[lang].own_state().values())
+            lines.append(f"  {lang}: {config.method}, {size:,} pack parameters in the text side")
+        return "\n".join(lines)
+
     def _text_side(self, lang: str) -> SideEncoder:
         if lang not in self.texts:
             raise UsageError(f"no pack for lang={lang!r} in this model; loaded: {', '.join(self.texts)}")

@@ -100,3 +100,27 @@ def test_towers_list_names_the_offline_pair():
     result = runner.invoke(app, ["towers", "list"], terminal_width=200)
     assert result.exit_code == 0
     assert "me5-small" in result.output and "effnet-lite0" in result.output
+
+
+def test_the_public_api_is_discoverable_and_a_model_prints_in_a_few_lines(pack):
+    names = dir(mlilt)
+    assert {"load", "list_packs", "MliltModel", "__version__"} <= set(names) and "annotations" not in names
+    model = mlilt.load(pack / "sw")
+    text = repr(model)
+    assert len(text.splitlines()) <= 6, text
+    assert "tiny-bert-0" in text and "sw: ln" in text and "loads on first use" in text
+    model.encode_image([Image.new("RGB", (32, 32))])
+    assert "loads on first use" not in repr(model)
+
+
+def test_a_script_beside_a_checkout_named_mlilt_fails_saying_why(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "mlilt").symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+    script = tmp_path / "use.py"
+    script.write_text("import mlilt\nprint(mlilt.load)\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "found the checkout folder" in result.stderr and "not the mlilt package" in result.stderr

@@ -15,7 +15,7 @@ from mlilt.evaluation.runner import plan_languages
 from mlilt.towers.registry import register_tower
 from mlilt.training.trainer import train
 from mlilt.training.config import TrainConfig
-from tiny_towers import ForwardCalls, tiny_text_tower, tiny_timm_vit
+from tiny_towers import TINY_CLIP, ForwardCalls, tiny_text_tower, tiny_timm_vit
 
 runner = CliRunner()
 
@@ -121,10 +121,7 @@ def test_cli_reports_what_the_benchmark_left_out(packs, tmp_path):
 def tiny_open_clip(tmp_path):
     import open_clip
 
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8,
-                                              "head_width": 16},
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    (tmp_path / "mlilt-tiny-clip.json").write_text(json.dumps(config))
+    (tmp_path / "mlilt-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(tmp_path)
     return "mlilt-tiny-clip:"  # empty PRETRAINED: random weights, nothing to download
 
@@ -196,3 +193,16 @@ def test_zeroshot_bad_classnames_file_names_the_line(packs, tmp_path):
                                  str(root / "packs/sw")])
     assert result.exit_code == 3
     assert "sw.txt:1" in result.output
+
+
+def test_custom_data_without_a_lang_field_points_to_langs_und(packs, tmp_path):
+    root, _ = packs
+    rows = [json.loads(line) for line in (root / "data/sw/test.jsonl").read_text().splitlines()]
+    data = tmp_path / "nolang.jsonl"
+    data.write_text("".join(json.dumps({"image": str((root / "data/sw" / r["image"]).resolve()),
+                                        "caption": r["caption"]}) + "\n" for r in rows))
+    with pytest.raises(UsageError, match="no lang field.*--langs und"):
+        evaluate("custom", [str(root / "packs/sw")], data=str(data))
+    results = evaluate("custom", [str(root / "packs/sw")], data=str(data), langs=["und"])
+    assert [r.language for r in results] == ["und"], results
+    assert 0 < results[0].metrics["mean_recall"] <= 100

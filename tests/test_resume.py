@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -184,3 +185,26 @@ def test_checkpoint_every_zero_writes_no_checkpoint_and_the_same_pack(data, tmp_
     with_checkpoints = train(_config(data, tmp_path / "some"), callbacks=[Written()])
     assert written  # the same callback does hear checkpoints when they are on
     assert (without.pack / PACK_TENSORS).read_bytes() == (with_checkpoints.pack / PACK_TENSORS).read_bytes()
+
+
+def test_sigterm_mid_run_prints_the_exact_command_that_resumes_it(data, tmp_path):
+    out = tmp_path / "langpacks" / "sw"
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    args = _args(data, out, "--epochs", "8", "--checkpoint-every", "2", "--lr", "0.002")
+    process = subprocess.Popen([sys.executable, str(launcher), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "300"})
+    deadline = time.monotonic() + 240
+    while not (_state(out) and _state(out)["step"] >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint seen"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0].decode()
+    assert process.returncode == 130, output[-2000:]
+    assert f"the last checkpoint is in {checkpoint_dir(out)}" in output
+    command = shlex.split(output.split("Continue with:")[1].strip().splitlines()[0])
+    assert command[:2] == ["mlilt", "train"] and command[-1] == "--resume"
+    assert set(args[1:]) <= set(command[2:]) and not (out / PACK_CONFIG).exists()
+    resumed = runner.invoke(app, command[1:])  # the printed command, as a user would paste it
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / PACK_CONFIG).exists() and "kept epoch" in resumed.output

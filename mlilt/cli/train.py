@@ -5,6 +5,9 @@ shown here, come from its fields; ``--no-cache-features`` turns off ``cache_feat
 """
 from __future__ import annotations
 
+import contextlib
+import shlex
+import signal
 from typing import Annotated, Optional
 
 import typer
@@ -126,10 +129,16 @@ def train_command(
 
     Give --data, --parallel, or both. Several GPUs or nodes: torchrun --nproc_per_node N -m mlilt train ... (--batch-size stays the global batch; only rank 0 writes).
     """
-    config = config_from_options(locals())  # first: the arguments are all the locals there are yet
+    options = dict(locals())  # first: the arguments are all the locals there are yet
+    config = config_from_options(options)
     from mlilt.training.trainer import train
 
-    result = train(config, console=console)
+    with interrupts_as_keyboard_interrupt():
+        try:
+            result = train(config, console=console)
+        except KeyboardInterrupt:
+            console.print(resume_hint(config, options), soft_wrap=True, highlight=False)
+            raise typer.Exit(130) from None
     if not result.written:  # another process (rank 0 under torchrun) reports
         return
     print_report(result.report)
@@ -138,7 +147,64 @@ def train_command(
         detail = f"t2i R@1 {val['image_retrieval_recall@1']:.1f}, i2t R@1 {val['text_retrieval_recall@1']:.1f}"
     else:
         detail = f"held-out parallel pairs, target->source R@1 {val['target_to_source_recall@1']:.1f}"
-    console.print(f"[green]pack written:[/] {result.pack}  (val mean recall {val['mean_recall']:.1f}, {detail})")
+    console.print(best_epoch_line(result.history, config.epochs), soft_wrap=True, highlight=False)
+    console.print(f"[green]pack written:[/] {result.pack}  (val mean recall {val['mean_recall']:.1f}, {detail})",
+                  soft_wrap=True)
+
+
+def best_epoch_line(history: list[dict], epochs: int) -> str:
+    """Which epoch the pack keeps, and why."""
+    trained = [row for row in history if row["epoch"] >= 1]
+    best = max(trained, key=lambda row: row["val"]["mean_recall"])  # max keeps the first of equals, as keep-best
+    if best["epoch"] == epochs:
+        return f"kept epoch {epochs} of {epochs}: the last epoch has the best validation mean recall"
+    return (f"kept epoch {best['epoch']} of {epochs}: its validation mean recall ({best['val']['mean_recall']:.1f}) "
+            f"is the best; later epochs did not beat it (fewer --epochs would have given the same pack)")
+
+
+@contextlib.contextmanager
+def interrupts_as_keyboard_interrupt():
+    """SIGTERM (a scheduler's stop, kill) ends training as Ctrl-C does, so the hint to resume is
+    printed; the previous handler is restored after."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_hint(config: TrainConfig, options: dict) -> str:
+    """What an interrupted run left, and the exact command that continues it."""
+    from mlilt.training.checkpoint import find_checkpoint
+
+    where = find_checkpoint(config.out) if config.checkpoint_every else None
+    if where is None:
+        return "interrupted: no pack was written and there is no checkpoint to resume from; rerun to start over"
+    return (f"interrupted: no pack was written; the last checkpoint is in {where}. Continue with:\n"
+            f"  {command_line(options, resume=True)}")
+
+
+def command_line(options: dict, resume: bool = False) -> str:
+    """``mlilt train`` with the options that differ from their defaults (and --resume)."""
+    words = ["mlilt", "train"]
+    for name, value in options.items():
+        field = NEGATED.get(name, name)
+        default = (not D[field]) if name in NEGATED else D.get(field)
+        if name == "resume" or value is None or value == default or value == []:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag)
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                words += [flag, str(item)]
+    return shlex.join(words + (["--resume"] if resume else []))
 
 
 def config_from_options(options: dict) -> TrainConfig:

@@ -18,6 +18,7 @@ import torch
 from mlilt.files import atomic
 from mlilt.data.feature_cache import FeatureCache, tower_features
 from mlilt.data.images import image_id
+from mlilt.data.pairs import UNDETERMINED
 from mlilt.modeling.encode import encode_texts
 from mlilt.errors import UsageError
 from mlilt.evaluation.retrieval import retrieval_metrics
@@ -128,6 +129,10 @@ def plan_languages(pack_languages: list[str], requested: list[str] | None, avail
     else:
         plan = {i: [lang] for i, lang in enumerate(pack_languages) if lang in requested}
     if not any(plan.values()):
+        hint = ""
+        if available == [UNDETERMINED]:  # a pairs file without a lang field: its rows are "und"
+            hint = (f"; the data has no lang field, so its rows are '{UNDETERMINED}': pass --langs "
+                    f"{UNDETERMINED} to test each pack on them, or add \"lang\": \"<code>\" to every row")
         raise UsageError(f"nothing to evaluate: packs for {', '.join(pack_languages)}, benchmark languages "
-                         f"{', '.join(available[:40])}")
+                         f"{', '.join(available[:40])}{hint}")
     return plan

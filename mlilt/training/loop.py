@@ -59,12 +59,13 @@ class Loop:
             state = load_checkpoint(self.where, self.parts.model, self.optimizer, self.schedule, self.generator,
                                     config, self.data_hash)
         else:  # a checkpoint of another run is replaced now
+            self.progress.note("epoch 0: validating the untrained pack, the start every epoch must beat")
             state = FitState(history=[{"epoch": 0, "val": self._validate()}])
             self._checkpoint(state)
         self.hooks.on_fit_start(state)
         size = min(config.batch_size, self.parts.epoch_items())
-        with self.progress.task("training", self.steps_per_epoch * config.epochs * size) as advance:
-            advance(state.step * size)
+        with self.progress.task("training", self.steps_per_epoch * config.epochs * size,
+                                completed=state.step * size) as advance:
             while state.epoch <= config.epochs:
                 self._epoch(state, advance)
                 self.progress.log_epoch(state.history[-1])

@@ -75,13 +75,14 @@ class Trainer:
         train_split, val_split, summary = load_data(config) if config.data else (sentences([]), sentences([]), {})
         parallel = load_parallel(config) if config.parallel else None
         check_split(len(train_split.captions) or len(parallel), config.batch_size, ranks.world)
+        progress = TrainProgress(console)
+        progress.note(loading_note(config))
         teacher = load_teacher(config.teacher) if parallel is not None else None
         model, report, anchor = build_model(config, *student_space(config, teacher))
         self.hooks.on_model_built(model, report)
         model.to(ranks.device)
         images = ImageSource(model.image, config, ranks.device)
         texts = TextSource(model.text, ranks.device)
-        progress = TrainProgress(console)
         warn_slow_bf16(config.bf16, ranks.device, console)
         distill = None
         if teacher is not None:
@@ -110,6 +111,16 @@ class Trainer:
 def train(config: TrainConfig, console=None, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train one pack (``Trainer(config, console, callbacks).run()``)."""
     return Trainer(config, console=console, callbacks=callbacks).run()
+
+
+def loading_note(config: TrainConfig) -> str:
+    """What the first, silent seconds of a run do."""
+    from mlilt.towers.offline import me5_small_converted
+
+    note = f"loading the towers (text {config.text_tower})"
+    if config.text_tower == "me5-small" and not me5_small_converted():
+        note += " (me5-small is converted once, about 30 s; later runs reuse it)"
+    return note
 
 
 def student_space(config: TrainConfig, teacher: Teacher | None) -> tuple[str | None, int | None]:
