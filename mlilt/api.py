@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,7 @@ from mlilt.modeling.model import SideEncoder
 from mlilt.packs import Pack, PackConfig, read_pack
 
 DEFAULT_TEMPLATES = ("{}",)
+_IMAGE_BUILD = threading.Lock()
 
 
 @dataclass
@@ -51,9 +53,11 @@ class MliltModel(nn.Module):
     def image(self) -> SideEncoder:
         """The image side, built (tower loaded, pack tensors checked) the first time it is asked for."""
         if "image" not in self._modules:
-            side = self._build_image().to(self._placement.device)
-            side.train(self.training)
-            self._modules["image"] = side
+            with _IMAGE_BUILD:  # threads serving one model build its image side once
+                if "image" not in self._modules:
+                    side = self._build_image().to(self._placement.device)
+                    side.train(self.training)
+                    self._modules["image"] = side
         return self._modules["image"]
 
     @property

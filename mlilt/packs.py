@@ -292,6 +292,9 @@ def pack_search_dirs() -> list[Path]:
 
 
 def resolve_pack(name_or_path: str | os.PathLike) -> Path:
+    if isinstance(name_or_path, str) and name_or_path.startswith("hf://"):  # hf://user/repo[@revision]
+        from mlilt.hub import resolve_hub_pack
+        return resolve_hub_pack(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -19,6 +19,7 @@ from mlilt.evaluation.pairs_eval import evaluate_pairs
 from mlilt.packs import read_pack
 from mlilt.training import TrainConfig, train
 from mlilt.training.teachers import load_teacher, teacher_embeddings
+from tiny_towers import train_tiny_pack
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -35,12 +36,7 @@ def write_parallel_tsv(path: Path, n: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def tiny_teacher(tiny_cnn_towers, tmp_path_factory):
     """An English pack on the tiny towers, trained on tiny demo pairs: the teacher."""
-    root = tmp_path_factory.mktemp("teacher")
-    generate_demo(root / "data", ["en"], n=40, image_size=32)
-    config = TrainConfig(lang="en", data=str(root / "data" / "en" / "train.jsonl"), out=str(root / "en"),
-                         text_tower="tiny-bert-0", image_tower="tiny-timm-cnn", embed_dim=16, epochs=1,
-                         batch_size=8, method="ln", checkpoint_every=0)
-    return train(config).pack
+    return train_tiny_pack(tmp_path_factory.mktemp("teacher"), "en")
 
 
 def _student(tmp_path, teacher, parallel, **overrides) -> TrainConfig:

@@ -16,7 +16,7 @@ LAYERS = [
     {"errors", "defaults", "files"},
     {"towers"},
     {"methods"},
-    {"packs"},
+    {"packs", "hub"},  # hub: packs on the Hugging Face Hub (resolve_pack's hf:// hook)
     {"modeling"},
     {"speed"},
     {"data"},

@@ -126,3 +126,16 @@ def save_tiny_open_clip(folder, seed: int = 0, name: str = "mlilt-tiny-clip") ->
         model = open_clip.create_model(name)
     torch.save(model.state_dict(), folder / f"weights-{seed}.pt")
     return f"{name}:{folder / f'weights-{seed}.pt'}"
+
+
+def train_tiny_pack(root, lang: str = "sw", **overrides):
+    """A pack trained on tiny demo pairs with the tiny BERT + CNN towers (registered by the
+    caller, e.g. the ``tiny_cnn_towers`` fixture): ``method`` ln, width 16, one epoch."""
+    from mlilt.demo.data import generate_demo
+    from mlilt.training import TrainConfig, train
+
+    generate_demo(root / "data", [lang], n=40, image_size=32)
+    settings = dict(lang=lang, data=str(root / "data" / lang / "train.jsonl"), out=str(root / lang),
+                    text_tower="tiny-bert-0", image_tower="tiny-timm-cnn", embed_dim=16, epochs=1, batch_size=8,
+                    method="ln", checkpoint_every=0)
+    return train(TrainConfig(**{**settings, **overrides})).pack

@@ -1,14 +1,15 @@
-"""``mlilt packs ...``: list, inspect and verify language packs."""
+"""``mlilt packs ...``: list, inspect, verify, push and pull language packs."""
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from mlilt.cli.common import console, user_errors
 
-app = typer.Typer(help="List, inspect and verify language packs.", no_args_is_help=True)
+app = typer.Typer(help="List, inspect, verify, push and pull language packs.", no_args_is_help=True)
 
 
 @app.command("list")
@@ -56,3 +57,54 @@ def verify_command(pack: Annotated[str, typer.Argument(help="Pack folder or inde
 
     model = mlilt.load(pack)
     console.print(f"[green]ok:[/] {pack} loads onto its towers ({', '.join(model.languages)})")
+
+
+@app.command("push")
+@user_errors
+def push_command(
+    pack: Annotated[str, typer.Argument(help="Pack folder or indexed name.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub model repo USER/REPO (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to commit to (created if missing).")] = None,
+    tag: Annotated[Optional[str], typer.Option(help="Tag the new commit (load it as hf://USER/REPO@TAG).")] = None,
+    commit_message: Annotated[Optional[str], typer.Option(help="The commit's message.")] = None,
+    license: Annotated[Optional[str], typer.Option(help="The card's licence id (default apache-2.0): "
+                                                        "your data's and towers' terms.")] = None,
+    card: Annotated[Optional[Path], typer.Option(help="Upload this README.md instead of the generated card.",
+                                                 exists=True, dir_okay=False)] = None,
+    token: Annotated[Optional[str], typer.Option(help="Hub token (default: HF_TOKEN or `hf auth login`).")] = None,
+):
+    """Upload a pack and a generated model card (README.md) to a Hugging Face Hub model repo."""
+    from mlilt.hub import push
+
+    pushed = push(pack, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
+                  license=license, card=card, tag=tag)
+    if license is None and card is None:
+        console.print("card licence: apache-2.0 (the default; pass --license for your data's and towers' terms)")
+    console.print(f"[green]pushed:[/] {pushed.url}")
+    console.print(f'load it with mlilt.load("hf://{pushed.repo_id}{"@" + tag if tag else ""}")')
+
+
+@app.command("pull")
+@user_errors
+def pull_command(
+    repo_id: Annotated[str, typer.Argument(help="USER/REPO, hf://USER/REPO or hf://USER/REPO@REVISION.")],
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit (default: main).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Also copy the pack into this folder (default: "
+                                                     "the Hugging Face cache only).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a pack already in --out.")] = False,
+    force_download: Annotated[bool, typer.Option("--force-download", help="Download again even if cached "
+                                                                          "(repairs a damaged cache).")] = False,
+    token: Annotated[Optional[str], typer.Option(help="Hub token for private repos (default: HF_TOKEN or "
+                                                      "`hf auth login`).")] = None,
+):
+    """Download a pack from the Hub into its cache (HF_HUB_CACHE), check it, optionally copy it."""
+    from mlilt.hub import pull
+
+    pulled = pull(repo_id, revision=revision, out=out, overwrite=overwrite, force_download=force_download,
+                  token=token)
+    config = pulled.pack.config
+    console.print(f"[green]ok:[/] {pulled.ref} (commit {pulled.commit[:12]}): {config.language} pack, "
+                  f"{config.method}, checked")
+    console.print(f"at: {pulled.path}", highlight=False, soft_wrap=True)
+    console.print(f'load it with mlilt.load("{pulled.path if out else pulled.ref}")', highlight=False, soft_wrap=True)

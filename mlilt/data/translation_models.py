@@ -228,10 +228,11 @@ def load_model(model: str, device: str, dtype: str):
 
     import transformers
 
-    # transformers 5 calls it dtype; 4.x torch_dtype
-    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    options = {key: resolve_dtype(dtype, device)}
-    loaded = _guarded(model, lambda: AutoModelForSeq2SeqLM.from_pretrained(model, **options))
+    chosen = resolve_dtype(dtype, device)
+    if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 5 calls it dtype; 4.x torch_dtype
+        loaded = _guarded(model, lambda: AutoModelForSeq2SeqLM.from_pretrained(model, dtype=chosen))
+    else:
+        loaded = _guarded(model, lambda: AutoModelForSeq2SeqLM.from_pretrained(model, torch_dtype=chosen))
     return loaded.to(device).eval()
 
 
