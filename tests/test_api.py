@@ -124,3 +124,22 @@ def test_a_script_beside_a_checkout_named_mlilt_fails_saying_why(tmp_path):
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode != 0
     assert "found the checkout folder" in result.stderr and "not the mlilt package" in result.stderr
+
+
+def test_eight_threads_on_one_model_get_the_one_thread_embeddings(pack):
+    from concurrent.futures import ThreadPoolExecutor
+
+    captions = [["a red circle"] * (1 + i % 3) + ["a small blue square and a star"] for i in range(8)]
+    images = [[Image.new("RGB", (32 + 4 * i, 32), (30 * i, 100, 200))] for i in range(8)]
+    alone = mlilt.load(pack / "sw")
+    expected = [(alone.encode_text(c, lang="sw"), alone.encode_image(im)) for c, im in zip(captions, images)]
+    shared = mlilt.load(pack / "sw")  # fresh: the threads race to build its image side
+
+    def serve(i):
+        return [(shared.encode_text(captions[i], lang="sw"), shared.encode_image(images[i])) for _ in range(3)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(serve, range(8)))
+    for i, rounds in enumerate(results):
+        for text, image in rounds:
+            assert torch.equal(text, expected[i][0]) and torch.equal(image, expected[i][1])
