@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlilt.cli.common import console, user_errors
+from mlilt.cli.common import console, flag, user_errors
 
 
 @user_errors
@@ -19,10 +19,10 @@ def bench_command(
                                            "evenly; one GPU each, round robin).")] = 1,
     cell: Annotated[Optional[str], typer.Option(help="Run only this cell, in this process (what each cell's "
                                                      "recorded command does).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Rerun cells that are already done.")] = False,
-    list_cells: Annotated[bool, typer.Option("--list", help="List the cells and which are done; run "
+    force: Annotated[bool, flag("--force", help="Rerun cells that are already done.")] = False,
+    list_cells: Annotated[bool, flag("--list", help="List the cells and which are done; run "
                                                             "nothing.")] = False,
-    report_only: Annotated[bool, typer.Option("--report-only", help="Rewrite the report from the finished "
+    report_only: Annotated[bool, flag("--report-only", help="Rewrite the report from the finished "
                                                                     "cells; train nothing.")] = False,
 ):
     """Train and evaluate every cell of a study; skip finished cells; write tables, plots and a report."""

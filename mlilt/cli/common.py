@@ -15,6 +15,11 @@ err_console = Console(stderr=True, soft_wrap=True)  # never break a path in two
 EXIT_FAILURE = 1  # something failed that is not the user's input (and uncaught errors)
 
 
+def flag(*names: str, help: str):
+    """An on/off option, shown in --help as a bare flag (click would show a '<bool>' value)."""
+    return typer.Option(*names, help=help, metavar="")
+
+
 def user_errors(command):
     """Print an ``MliltError``'s message (no traceback) and exit with its code."""
     @functools.wraps(command)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlilt.cli.common import console, user_errors
+from mlilt.cli.common import console, flag, user_errors
 from mlilt.cli.check import check_command
 from mlilt.cli.download import download_command
 from mlilt.data.translate import FORMATS
@@ -28,7 +28,7 @@ def demo_data(
     n: Annotated[int, typer.Option(help="Number of scenes (images); each gets one caption per language.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
     test_fraction: Annotated[float, typer.Option(help="Share of scenes in the test split.")] = 0.2,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing folder.")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing folder.")] = False,
 ):
     """Generate procedural demo data: shapes with compositional captions in several languages."""
     from mlilt.demo.data import generate_demo
@@ -73,9 +73,9 @@ def translate_command(
     max_length: Annotated[int, typer.Option(help="Most tokens per translation.", min=1)] = 256,
     device: Annotated[str, typer.Option(help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")] = "auto",
     dtype: Annotated[Dtype, typer.Option(help="auto: bfloat16 on GPUs that have it, else float32.")] = Dtype.auto,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed input rows instead of "
+    skip_bad: Annotated[bool, flag("--skip-bad", help="Skip malformed input rows instead of "
                                                               "stopping.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over, discarding a partial output; an "
+    overwrite: Annotated[bool, flag("--overwrite", help="Start over, discarding a partial output; an "
                                                                 "existing output is replaced when the new one "
                                                                 "is complete.")] = False,
 ):

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mlilt.cli.common import console, user_errors
+from mlilt.cli.common import console, flag, user_errors
 from mlilt.demo.run import DEMO_EPOCHS, DEMO_SCENES
 
 METRICS = ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
@@ -19,7 +19,7 @@ def demo_command(
     lang: Annotated[str, typer.Option(help="Language to train.")] = "sw",
     n: Annotated[int, typer.Option(help="Demo scenes to generate.")] = DEMO_SCENES,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = DEMO_EPOCHS,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a pack from an earlier demo.")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", help="Replace a pack from an earlier demo.")] = False,
 ):
     """Generate demo data, train a pack offline with the default method, compare with the untrained model."""
     from mlilt.demo.run import run_demo  # noqa: E402 (heavy imports only when the command runs)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mlilt.cli.common import console, user_errors
+from mlilt.cli.common import console, flag, user_errors
 from mlilt.datasets import DOWNLOADS
 
 Benchmark = enum.Enum("Benchmark", {name: name for name in DOWNLOADS}, type=str)
@@ -18,7 +18,7 @@ def download_command(
     benchmark: Annotated[Benchmark, typer.Argument(help="Benchmark to fetch.", case_sensitive=False)],
     root: Annotated[Path, typer.Option(help="Folder that gets <benchmark>/ (and .downloads/ for the archives), "
                                             "e.g. ~/data; pass the same --root to mlilt eval.")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing xm3600 folder.")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing xm3600 folder.")] = False,
 ):
     """Download a benchmark into ROOT, unpack it and verify it (re-run to resume).
 

@@ -32,18 +32,22 @@ def eval_command(
     captions: Annotated[str, typer.Option(help="first (CLIP_benchmark) or all (every caption a positive).")] = "first",
     data: Annotated[Optional[str], typer.Option(help="Pairs file for --benchmark custom.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Folder for per-language JSON results and summary.csv.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images or captions per forward pass.", min=1)] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (a GPU when there is one).")] = "auto",
 ):
     """Text-to-image and image-to-text recall@1/5/10, per language, image tower run once."""
     from pathlib import Path
 
     from mlilt.evaluation.evaluate import evaluate
     from mlilt.evaluation.runner import write_results
+    from mlilt.training.progress import TrainProgress
 
     codes = [code.strip() for code in langs.split(",") if code.strip()] if langs else None
     with warnings.catch_warnings():  # what was left out is printed below, once, with the table
         warnings.simplefilter("ignore", UserWarning)
         results = evaluate(benchmark, pack or [], root=root, langs=codes, captions=captions, data=data,
-                           references=reference or [])
+                           references=reference or [], batch_size=batch_size, device=device,
+                           progress=TrainProgress(console).task)
     columns = COLUMNS[results[0].task]
     table = Table(title=f"{benchmark}, %")
     table.add_column("language")

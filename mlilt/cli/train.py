@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlilt.cli.common import console, user_errors
+from mlilt.cli.common import console, flag, user_errors
 from mlilt.datasets import BENCHMARKS
 from mlilt.methods.catalog import describe_methods
 from mlilt.speed import SPEED_PATHS
@@ -32,6 +32,10 @@ def train_command(
     data: Annotated[Optional[str], typer.Option(help="Image-caption pairs: JSONL/CSV/TSV (image path relative to "
                                                      "the file + caption), parquet/arrow, or a Hugging Face "
                                                      "dataset name.")] = None,
+    image_column: Annotated[Optional[str], typer.Option(help="The pairs' image field (default: image, image_path, "
+                                                             "file or filepath).")] = D["image_column"],
+    caption_column: Annotated[Optional[str], typer.Option(help="The pairs' caption field (default: caption, "
+                                                               "text, sentences or captions).")] = D["caption_column"],
     parallel: Annotated[Optional[list[str]], typer.Option(help="Parallel sentences learned from --teacher "
                                                                "(repeatable): TSV/TSV.gz source<TAB>target[<TAB>"
                                                                "more], JSONL with source/target, parquet/arrow or "
@@ -63,7 +67,7 @@ def train_command(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine).")] = D["lr"],
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = D["weight_decay"],
     min_lr_ratio: Annotated[float, typer.Option(help="The cosine decays to --lr times this.")] = D["min_lr_ratio"],
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup (default: 5% of all "
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", "--warmup", help="Steps of linear warmup (default: 5% of all "
                                                              "steps).")] = D["warmup_steps"],
     grad_clip: Annotated[float, typer.Option(help="Largest gradient norm; larger ones are scaled down to "
                                                   "it.")] = D["grad_clip"],
@@ -76,14 +80,16 @@ def train_command(
     text_prefix: Annotated[Optional[str], typer.Option(help="Prepended to every caption (me5-small: "
                                                             "'query: ').")] = D["text_prefix"],
     seed: Annotated[int, typer.Option(help="Seed for initialisation, split and order.")] = D["seed"],
-    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast: for GPUs and CPUs with AMX; "
+    device: Annotated[str, typer.Option(help="auto (a GPU when there is one), cpu, cuda or cuda:N; under "
+                                             "torchrun each process takes its local rank's GPU.")] = D["device"],
+    bf16: Annotated[bool, flag("--bf16", help="bfloat16 autocast: for GPUs and CPUs with AMX; "
                                                       "emulated and slow on other CPUs.")] = D["bf16"],
-    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing",
+    grad_checkpointing: Annotated[bool, flag("--grad-checkpointing",
                                                      help="Recompute the activations of each block of a trained "
                                                           "tower in the backward pass instead of keeping them: "
                                                           "less memory, about one more forward pass of "
                                                           "compute (for large towers).")] = D["grad_checkpointing"],
-    recompute_norms: Annotated[bool, typer.Option("--recompute-norms",
+    recompute_norms: Annotated[bool, flag("--recompute-norms",
                                                   help="Fused norm + activation layers of a trained CNN (SiLU, "
                                                        "GELU, ...) keep only their input and recompute the rest in "
                                                        "the backward pass: a lighter trade than "
@@ -94,9 +100,9 @@ def train_command(
                                                   "path), or a comma list of " + ", ".join(SPEED_PATHS) +
                                                   ". Each computes what the plain path "
                                                   "computes.")] = D["speed_paths"],
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows/images and count "
+    skip_bad: Annotated[bool, flag("--skip-bad", help="Skip unreadable rows/images and count "
                                                               "them.")] = D["skip_bad"],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing pack at --out.")] = D["overwrite"],
+    overwrite: Annotated[bool, flag("--overwrite", help="Replace an existing pack at --out.")] = D["overwrite"],
     exclude_leaks: Annotated[Optional[str], typer.Option(help="Drop pairs that leak this benchmark's test set "
                                                               f"(see `mlilt data check`): {', '.join(BENCHMARKS)}, "
                                                               "demo, custom.")] = D["exclude_leaks"],
@@ -107,14 +113,14 @@ def train_command(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints in OUT.checkpoint/ (also "
                                                        "written at each epoch end, deleted once the pack is "
                                                        "written).")] = D["checkpoint_every"],
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.checkpoint/ (same settings and data "
+    resume: Annotated[bool, flag("--resume", help="Continue from OUT.checkpoint/ (same settings and data "
                                                           "required). Without it an existing checkpoint is "
                                                           "replaced when training starts.")] = D["resume"],
-    skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip batches whose loss or gradient "
+    skip_nonfinite: Annotated[bool, flag("--skip-nonfinite", help="Skip batches whose loss or gradient "
                                                                           "norm is NaN/inf (counted in the pack) "
                                                                           "instead of "
                                                                           "stopping.")] = D["skip_nonfinite"],
-    no_cache_features: Annotated[bool, typer.Option("--no-cache-features",
+    no_cache_features: Annotated[bool, flag("--no-cache-features",
                                                     help="Compute a frozen image tower's features afresh instead "
                                                          "of reading and writing the on-disk feature "
                                                          "cache.")] = not D["cache_features"],

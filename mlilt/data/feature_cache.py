@@ -84,6 +84,8 @@ def cached_rows(count: int, width: int, compute, keys: list[str] | None = None, 
             if cached is not None:
                 found[index] = cached
         cache.hits += len(found)
+        if progress is not None and found:
+            progress(len(found))  # done already: a bar over all rows reaches its end
     todo = [i for i in range(count) if i not in found]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]

@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from mlilt.errors import UsageError
-from mlilt.evaluation.runner import EvalResult, ImageSpace, evaluate_sets, plan_languages
+from mlilt.evaluation.runner import EvalResult, EvalSettings, ImageSpace, evaluate_sets, plan_languages
 from mlilt.packs import PACK_CONFIG, Pack, read_pack
 
 LOCAL_BENCHMARKS = ("demo", "custom", "zeroshot")
@@ -65,8 +67,13 @@ def available_languages(benchmark: str, root: str | None, data: str | None) -> l
 
 
 def evaluate(benchmark: str, packs: list[str], root: str | None = None, langs: list[str] | None = None,
-             captions: str = "first", data: str | None = None, references: list[str] = ()) -> list[EvalResult]:
-    """Evaluate packs (and open_clip reference models) on ``benchmark``, one image pass per image side."""
+             captions: str = "first", data: str | None = None, references: list[str] = (), batch_size: int = 64,
+             device: str = "cpu", progress=None) -> list[EvalResult]:
+    """Evaluate packs (and open_clip reference models) on ``benchmark``, one image pass per image side.
+
+    ``device``: cpu, cuda, cuda:N or auto; ``progress``: ``task(description, total)`` yielding
+    ``advance(n)`` (``EvalSettings``), told about images and captions as they are embedded.
+    """
     loaded = find_packs(packs) if packs else []
     if not loaded and not references:
         raise UsageError("name at least one --pack or --reference")
@@ -78,28 +85,48 @@ def evaluate(benchmark: str, packs: list[str], root: str | None = None, langs: l
     if unknown:
         raise UsageError(f"{benchmark} has no language {', '.join(unknown)}; it has: {', '.join(available)}")
     sets = benchmark_sets(benchmark, root, needed, captions, data)
-    spaces: dict[str, ImageSpace] = {}  # image-side id -> its embeddings, shared by packs and references on it
-    return _evaluate_packs(loaded, plan, sets, spaces) + _evaluate_references(references, reference_langs, sets, spaces)
+    run = _Run(EvalSettings(batch_size, progress), _device(device))
+    return _evaluate_packs(loaded, plan, sets, run) + _evaluate_references(references, reference_langs, sets, run)
 
 
-def _evaluate_packs(loaded: list[Pack], plan: dict[int, list[str]], sets: dict,
-                    spaces: dict[str, ImageSpace]) -> list[EvalResult]:
+@dataclass
+class _Run:
+    settings: EvalSettings
+    device: torch.device
+    # image-side id -> its embeddings, shared by the packs and references on it
+    spaces: dict[str, ImageSpace] = field(default_factory=dict)
+
+    def space(self, space_id: str, build) -> ImageSpace:
+        if space_id not in self.spaces:  # one image pass per image side
+            self.spaces[space_id] = ImageSpace(build().to(self.device), settings=self.settings)
+        return self.spaces[space_id]
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: give cpu, cuda, cuda:N or auto") from None
+
+
+def _evaluate_packs(loaded: list[Pack], plan: dict[int, list[str]], sets: dict, run: _Run) -> list[EvalResult]:
     from mlilt.modeling.factory import image_side_of
     from mlilt.speed import text_side_of
 
     results = []
     for index, chosen in plan.items():
         pack = loaded[index]
-        space_id = pack.config.image_side_id
-        if space_id not in spaces:  # one image pass per image side, shared by its packs
-            spaces[space_id] = ImageSpace(image_side_of(pack))
-        results += evaluate_sets(text_side_of(pack), spaces[space_id], [sets[lang] for lang in chosen],
+        space = run.space(pack.config.image_side_id, lambda: image_side_of(pack))
+        results += evaluate_sets(text_side_of(pack).to(run.device), space, [sets[lang] for lang in chosen],
                                  pack.path.name, str(pack.path))
     return results
 
 
-def _evaluate_references(references: list[str], langs: list[str], sets: dict,
-                         spaces: dict[str, ImageSpace]) -> list[EvalResult]:
+def _evaluate_references(references: list[str], langs: list[str], sets: dict, run: _Run) -> list[EvalResult]:
     """open_clip models; one whose image space packs were anchored on shares their image embeddings."""
     from mlilt.evaluation.reference import reference_sides
     from mlilt.packs import side_id
@@ -107,9 +134,9 @@ def _evaluate_references(references: list[str], langs: list[str], sets: dict,
     results = []
     for spec in references:
         text, image = reference_sides(spec)
-        space = spaces.setdefault(side_id(image.base_fingerprint, image.own_state()), ImageSpace(image))
+        space = run.space(side_id(image.base_fingerprint, image.own_state()), lambda: image)
         name, _, pretrained = spec.partition(":")
-        results += evaluate_sets(text, space, [sets[lang] for lang in langs], name, pretrained)
+        results += evaluate_sets(text.to(run.device), space, [sets[lang] for lang in langs], name, pretrained)
     return results
 
 

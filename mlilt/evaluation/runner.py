@@ -7,10 +7,12 @@ encoded in one pass, sorted by token count and padded per batch.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -42,12 +44,30 @@ class EvalResult:
                 "counts": self.counts}
 
 
+@dataclass
+class EvalSettings:
+    """How an evaluation runs: batch size, and progress (``task(description, total)``, a
+    context manager yielding ``advance(n)``, as ``mlilt.training.progress.TrainProgress.task``)."""
+
+    batch_size: int = 64
+    progress: Callable | None = None
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int):
+        if self.progress is None or not total:
+            yield None
+            return
+        with self.progress(description, total) as advance:
+            yield advance
+
+
 class ImageSpace:
     """Embeddings of one image side, computed once per distinct image."""
 
-    def __init__(self, image: SideEncoder, use_cache: bool = True):
+    def __init__(self, image: SideEncoder, use_cache: bool = True, settings: EvalSettings | None = None):
         self.image = image
         self.cache = FeatureCache(image.tower) if use_cache else None
+        self.settings = settings or EvalSettings()
         self.embeddings: dict[str, torch.Tensor] = {}
 
     def add(self, images: list) -> None:
@@ -55,7 +75,9 @@ class ImageSpace:
         todo = {key: img for key, img in todo.items() if key not in self.embeddings}
         if not todo:
             return
-        features = tower_features(self.image.tower, list(todo.values()), cache=self.cache)
+        with self.settings.task("images", len(todo)) as advance:
+            features = tower_features(self.image.tower, list(todo.values()), batch_size=self.settings.batch_size,
+                                      cache=self.cache, progress=advance)
         with torch.no_grad():
             projected = self.image.project(features.to(self.image.proj.weight.device)).float().cpu()
         self.embeddings.update(zip(todo, projected))
@@ -68,7 +90,7 @@ def evaluate_sets(text: SideEncoder, space: ImageSpace, sets: list, model_name: 
     """Retrieval metrics of one text side on each RetrievalSet (all share ``space``)."""
     for item in sets:
         space.add(item.images)  # the union first: one image-tower pass for every language
-    captions = _caption_embeddings(text, sets)
+    captions = _caption_embeddings(text, sets, space.settings, model_name)
     results = []
     for index, item in enumerate(sets):
         metrics, task = _metrics(text, space, item, captions.get(index))
@@ -77,13 +99,17 @@ def evaluate_sets(text: SideEncoder, space: ImageSpace, sets: list, model_name: 
     return results
 
 
-def _caption_embeddings(text: SideEncoder, sets: list) -> dict[int, torch.Tensor]:
+def _caption_embeddings(text: SideEncoder, sets: list, settings: EvalSettings, model_name: str
+                        ) -> dict[int, torch.Tensor]:
     """The captions of every retrieval set in one length-sorted pass (set index -> embeddings):
     batches then fill across languages and group captions of equal token counts."""
     from mlilt.evaluation.zeroshot import ZeroShotSet
 
     chosen = [i for i, item in enumerate(sets) if not isinstance(item, ZeroShotSet)]
-    embedded = encode_texts(text, [caption for i in chosen for caption in sets[i].captions])
+    captions = [caption for i in chosen for caption in sets[i].captions]
+    languages = ",".join(sets[i].language for i in chosen)
+    with settings.task(f"captions ({model_name}: {languages})", len(captions)) as advance:
+        embedded = encode_texts(text, captions, settings.batch_size, progress=advance)
     return dict(zip(chosen, torch.split(embedded, [len(sets[i].captions) for i in chosen])))
 
 

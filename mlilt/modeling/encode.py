@@ -67,14 +67,16 @@ def run_in_length_groups(lengths: list[int], run: Callable[[list[int]], torch.Te
 
 
 @torch.no_grad()
-def encode_texts(encoder: SideEncoder, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Normalised embeddings [N, D] in the input order."""
+def encode_texts(encoder: SideEncoder, texts: list[str], batch_size: int = 64, progress=None) -> torch.Tensor:
+    """Normalised embeddings [N, D] in the input order; ``progress(n)`` hears each batch."""
     out = torch.empty(len(texts), encoder.proj.out_features)
     device = encoder.proj.weight.device  # the encoder may sit on a GPU; embeddings come back to the CPU
     tokens = TokenizedTexts(encoder.tower, texts)
     for batch in length_sorted_batches(texts, batch_size, tokens.lengths()):
         input_ids, attention_mask = tokens.batch(batch)
         out[batch] = encoder(input_ids.to(device), attention_mask.to(device)).float().cpu()
+        if progress is not None:
+            progress(len(batch))
     return out
 
 

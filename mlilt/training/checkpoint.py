@@ -33,7 +33,7 @@ TENSOR_FILE = "checkpoint.safetensors"
 # Fields a resumed run may change: they do not alter what is computed.
 MAY_DIFFER = frozenset({"out", "overwrite", "resume", "checkpoint_every", "skip_nonfinite", "cache_features", "data", "parallel", "teacher",
                         "grad_checkpointing", "recompute_norms",
-                        "speed_paths"})
+                        "speed_paths", "device"})
 
 
 class NumericalError(MliltError):

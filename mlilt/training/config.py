@@ -20,6 +20,8 @@ class TrainConfig:
     lang: str  # language code of the captions (and of the pack)
     data: str | None  # image-caption pairs: JSONL/CSV/TSV file, parquet/arrow, a Hugging Face dataset; None: none
     out: str  # the pack folder to write
+    image_column: str | None = None  # the pairs' image field; None: image, image_path, file or filepath
+    caption_column: str | None = None  # the pairs' caption field; None: caption, text, sentences or captions
     method: str = DEFAULT_METHOD  # e.g. ln+adapter, lora:8, unlock:2, full-text
     text_tower: str = DEFAULT_TEXT_TOWER
     image_tower: str = DEFAULT_IMAGE_TOWER
@@ -39,6 +41,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     holdout: float = 0.1  # share (<1) or number (>=1) of images held out for validation
     seed: int = 0
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N
     bf16: bool = False
     grad_checkpointing: bool = False  # recompute trained blocks' activations in the backward pass: less memory
     recompute_norms: bool = False  # fused norm+SiLU/GELU... layers keep only their input (less memory, more time)
@@ -72,6 +75,8 @@ class TrainConfig:
                   (self.max_length >= 4, "--max-length must be at least 4 tokens"),
                   (bool(self.lang.strip()), "--lang must not be empty"),
                   (self.pooling in (None, "mean", "cls"), "--pooling must be mean or cls"),
+                  (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                   "--device must be auto, cpu, cuda or cuda:N"),
                   (self.exclude_leaks is None or bool(self.leak_root), "--exclude-leaks needs --leak-root"),
                   (bool(self.data) or bool(self.parallel), "give --data (image-caption pairs), --parallel "
                                                            "(parallel sentences with a --teacher), or both"),

@@ -112,12 +112,15 @@ class Ranks:
         return int(flag.item()) == 0
 
 
-def setup() -> Ranks:
+def setup(device: str = "auto") -> Ranks:
     """Join the process group ``torchrun`` describes in the environment (nccl on CUDA, gloo on
-    CPU) and pick this process's device; one plain process when there is no such group."""
+    CPU) and pick this process's device (``device``: auto, cpu, cuda, cuda:N; under torchrun
+    each process takes its local rank's GPU); one plain process when there is no such group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = _wants_cuda(device, world)
+    if world <= 1 and device.startswith("cuda:"):
+        return Ranks(device=torch.device(device))
     device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if cuda else torch.device("cpu")
     if world <= 1:
         return Ranks(device=device)
@@ -126,6 +129,23 @@ def setup() -> Ranks:
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device,
                  owns_group=owns_group)
+
+
+def _wants_cuda(device: str, world: int) -> bool:
+    if device == "cpu":
+        return False
+    if device == "auto":
+        return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.startswith("cuda:"):
+        index = device.partition(":")[2]
+        if world > 1:
+            raise UsageError(f"--device {device} under torchrun: each process takes the GPU of its local rank; "
+                             f"pass --device cuda")
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return True
 
 
 def teardown(ranks: Ranks) -> None:

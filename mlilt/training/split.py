@@ -9,7 +9,8 @@ from mlilt.training.config import TrainConfig
 
 def load_data(config: TrainConfig) -> tuple[Split, Split, dict]:
     """The training and validation splits (held out by image) and the data summary for the pack."""
-    pairs = read_pairs(config.data, lang=config.lang, skip_bad=config.skip_bad)
+    pairs = read_pairs(config.data, lang=config.lang, skip_bad=config.skip_bad, image_column=config.image_column,
+                       caption_column=config.caption_column)
     if config.exclude_leaks:
         from mlilt.datasets.leakage import exclude_leaks, find_leaks
         report = find_leaks(pairs, config.exclude_leaks, config.leak_root, config.lang, config.leak_threshold)

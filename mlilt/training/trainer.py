@@ -62,7 +62,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train the pack; under ``torchrun`` every process runs this and rank 0 writes the pack."""
-        ranks = distributed.setup()
+        ranks = distributed.setup(self.config.device)
         try:
             with seeded_rng(self.config.seed), ranks.worker_scope():
                 return self._run(ranks, self.console if ranks.is_main else None)
