@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "list_packs", "MliltModel"]
+__all__ = ["__version__", "load", "list_packs", "MliltModel", "create_model_and_transforms", "get_tokenizer"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,9 @@ def __getattr__(name: str):
     if name in ("load", "MliltModel"):
         from mlilt import api
         return getattr(api, name)
+    if name in ("create_model_and_transforms", "get_tokenizer"):
+        from mlilt import clip_model
+        return getattr(clip_model, name)
     if name == "list_packs":
         from mlilt.packs import list_packs
         return list_packs

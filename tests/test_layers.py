@@ -23,7 +23,7 @@ LAYERS = [
     {"datasets"},
     {"evaluation"},
     {"training"},
-    {"api"},
+    {"api", "clip_model"},
     {"demo"},
     {"studies"},
     {"cli", "__main__"},

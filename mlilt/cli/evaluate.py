@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mlilt.cli.common import console, user_errors
 from mlilt.datasets import BENCHMARKS
+from mlilt.errors import UsageError
 
 COLUMNS = {  # task -> (header, metric)
     "zeroshot_retrieval": (("t2i R@1", "image_retrieval_recall@1"), ("t2i R@5", "image_retrieval_recall@5"),
@@ -32,6 +33,9 @@ def eval_command(
     captions: Annotated[str, typer.Option(help="first (CLIP_benchmark) or all (every caption a positive).")] = "first",
     data: Annotated[Optional[str], typer.Option(help="Pairs file for --benchmark custom.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Folder for per-language JSON results and summary.csv.")] = None,
+    format: Annotated[str, typer.Option("--format", help="Result files for --out: mlilt (recalls in %, counts) or "
+                                                        "clip_benchmark (CLIP_benchmark's own files: names, "
+                                                        "dataset names such as crossmodal3600, fractions).")] = "mlilt",
     batch_size: Annotated[int, typer.Option(help="Images or captions per forward pass.", min=1)] = 64,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (a GPU when there is one).")] = "auto",
 ):
@@ -39,9 +43,11 @@ def eval_command(
     from pathlib import Path
 
     from mlilt.evaluation.evaluate import evaluate
-    from mlilt.evaluation.runner import write_results
+    from mlilt.evaluation.runner import RESULT_FORMATS, write_results
     from mlilt.training.progress import TrainProgress
 
+    if format not in RESULT_FORMATS:  # before the evaluation, not after it
+        raise UsageError(f"--format {format!r}: give one of {', '.join(RESULT_FORMATS)}")
     codes = [code.strip() for code in langs.split(",") if code.strip()] if langs else None
     with warnings.catch_warnings():  # what was left out is printed below, once, with the table
         warnings.simplefilter("ignore", UserWarning)
@@ -63,5 +69,5 @@ def eval_command(
             console.print(f"note: {r.benchmark}/{r.language}: left out "
                           + ", ".join(f"{k}={v}" for k, v in sorted(left_out.items())))
     if out:
-        write_results(results, Path(out))
+        write_results(results, Path(out), format)
         console.print(f"results written to {out}")

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
@@ -121,13 +122,39 @@ def _metrics(text: SideEncoder, space: ImageSpace, item, text_emb: torch.Tensor 
     return retrieval_metrics(text_emb, space.of(item.images), item.caption_image), "zeroshot_retrieval"
 
 
-def write_results(results: list[EvalResult], out: Path) -> None:
-    """One CLIP_benchmark-style JSON per (benchmark, language, model), and a CSV of the run."""
+RESULT_FORMATS = ("mlilt", "clip_benchmark")
+# mlilt's benchmark names -> CLIP_benchmark's dataset names, where they differ
+CLIP_BENCHMARK_DATASETS = {"xm3600": "crossmodal3600"}
+
+
+def write_results(results: list[EvalResult], out: Path, fmt: str = "mlilt") -> None:
+    """One JSON per (benchmark, language, model), and a CSV of the run.
+
+    ``mlilt``: ``{benchmark}_{language}_{model}.json``, recalls in %, with the counts of what was
+    left out. ``clip_benchmark``: exactly what ``clip_benchmark eval`` writes, so ``clip_benchmark
+    build`` and its tooling read it: its file names (``{dataset}_{pretrained}_{model}_{language}_{task}.json``),
+    dataset names (``crossmodal3600``), keys and fractions in [0, 1].
+    """
+    if fmt not in RESULT_FORMATS:
+        raise UsageError(f"--format {fmt!r}: give one of {', '.join(RESULT_FORMATS)}")
     out.mkdir(parents=True, exist_ok=True)
     for result in results:
-        name = f"{result.benchmark}_{result.language}_{result.model}.json"
-        atomic.write_text(out / name, json.dumps(result.clip_benchmark_json(), indent=2, sort_keys=True) + "\n")
+        if fmt == "clip_benchmark":
+            name, record = clip_benchmark_record(result)
+        else:
+            name, record = f"{result.benchmark}_{result.language}_{result.model}.json", result.clip_benchmark_json()
+        atomic.write_text(out / name, json.dumps(record, indent=2, sort_keys=True) + "\n")
     atomic.write_text(out / "summary.csv", results_csv(results))
+
+
+def clip_benchmark_record(result: EvalResult) -> tuple[str, dict]:
+    """CLIP_benchmark's file name and JSON for one result (its ``cli.run`` naming rules)."""
+    dataset = CLIP_BENCHMARK_DATASETS.get(result.benchmark, result.benchmark).replace("/", "_")
+    pretrained = os.path.basename(result.pretrained) if os.path.exists(result.pretrained) else result.pretrained
+    metrics = {k: v / 100 for k, v in result.metrics.items() if k != "mean_recall"}  # percent -> fraction
+    record = {"dataset": dataset, "model": result.model, "pretrained": result.pretrained, "task": result.task,
+              "metrics": metrics, "language": result.language}
+    return f"{dataset}_{pretrained}_{result.model}_{result.language}_{result.task}.json", record
 
 
 def results_csv(results: list[EvalResult]) -> str:
