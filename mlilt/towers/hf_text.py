@@ -1,5 +1,7 @@
 """Hugging Face text towers: any encoder ``AutoModel`` loads (XLM-R, mBERT, mE5, ...), from a
-hub name, a saved folder or a sentence-transformers folder, pooled to one vector per caption.
+hub name or a saved folder, pooled to one vector per caption. A sentence-transformers model (a
+folder with ``modules.json``, or a hub repository with one) loads through sentence-transformers
+itself instead (``st_text.SentenceTransformerTower``).
 
 The tower computes its last hidden state with the model's own forward. A ``TextRunner`` set
 on it (``mlilt.speed.packed.PaddingFree``: the per-token layers on the real tokens only) may
@@ -95,7 +97,7 @@ class HFTextTower(Tower):
 
     def __init__(self, spec: str, model, tokenizer, pooling: str = "mean", max_length: int = 64, prefix: str = "",
                  load_tokenizer: Callable[[], Any] | None = None, runner: TextRunner | None = None):
-        pooling = Pooling(pooling).value
+        pooling = self.checked_pooling(pooling)
         slot = TokenizerSlot(tokenizer, load_tokenizer)
         model_config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
         config = {"pooling": pooling, "max_length": max_length, "prefix": prefix, "model": model_config,
@@ -108,6 +110,15 @@ class HFTextTower(Tower):
         self.prefix = prefix
         self.padding_free = True  # False: the model's own padded forward even with a runner
         self.use_runner(runner)
+
+    @staticmethod
+    def checked_pooling(pooling: str) -> str:
+        """``pooling`` as this tower stores it; a ValueError for one it cannot compute."""
+        return Pooling(pooling).value
+
+    def pool_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The features of a batch from its last hidden state [B, S, width] (``pool``)."""
+        return pool(hidden, attention_mask, self.pooling)
 
     def use_runner(self, runner: TextRunner | None) -> None:
         """Compute the last hidden state with ``runner`` (None: the model's own forward only)."""
@@ -130,11 +141,10 @@ class HFTextTower(Tower):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.runs_padding_free:
-            features = pool(self.runner.last_hidden(self.model, input_ids, attention_mask), attention_mask,
-                            self.pooling)
+            features = self.pool_hidden(self.runner.last_hidden(self.model, input_ids, attention_mask), attention_mask)
             if self._packing_checked or self._packing_agrees(features, input_ids, attention_mask):
                 return features
-        return pool(self._padded_last_hidden(input_ids, attention_mask), attention_mask, self.pooling)
+        return self.pool_hidden(self._padded_last_hidden(input_ids, attention_mask), attention_mask)
 
     def _padded_last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -143,7 +153,7 @@ class HFTextTower(Tower):
         """Once per tower: the runner's features must be the model's own, else it stays off."""
         self._packing_checked = True
         with torch.no_grad():
-            reference = pool(self._padded_last_hidden(input_ids, attention_mask), attention_mask, self.pooling)
+            reference = self.pool_hidden(self._padded_last_hidden(input_ids, attention_mask), attention_mask)
         difference = disagreement(features.detach(), reference)
         if difference is None:
             return True
@@ -184,33 +194,12 @@ def tokenizer_digest(tokenizer) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def sentence_transformers_layout(folder: Path) -> tuple[Path, dict] | None:
-    """(transformer folder, settings) of a sentence-transformers folder, or None if it is not one."""
-    modules_file = folder / "modules.json"
-    if not modules_file.is_file():
-        return None
-    modules = json.loads(modules_file.read_text())
+def folder_settings(folder: Path) -> dict:
+    """Settings of a plain transformers folder: the query prompt of a
+    ``config_sentence_transformers.json`` beside it, and the pooling and query prefix of the
+    ``mlilt_tower.json`` of a folder mlilt converted. (A sentence-transformers folder, one with
+    ``modules.json``, loads through ``st_text`` instead.)"""
     settings: dict = {}
-    transformer = folder
-    for module in modules:
-        path = folder / module.get("path", "")
-        kind = module.get("type", "")
-        if kind.endswith("Transformer"):
-            transformer = path
-            st_config = path / "sentence_bert_config.json"
-            if st_config.is_file():
-                settings["max_length"] = json.loads(st_config.read_text()).get("max_seq_length")
-        elif kind.endswith("Pooling") and (path / "config.json").is_file():
-            pooling = json.loads((path / "config.json").read_text())
-            settings["pooling"] = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
-    return transformer, {k: v for k, v in settings.items() if v is not None}
-
-
-def folder_settings(folder: Path) -> tuple[Path, dict]:
-    """(transformer folder, settings) of a folder: the pooling and maximum length of a
-    sentence-transformers layout, the query prompt of its ``config_sentence_transformers.json``,
-    and the pooling and query prefix of the ``mlilt_tower.json`` of a folder mlilt converted."""
-    transformer, settings = sentence_transformers_layout(folder) or (folder, {})
     prompts = _json(folder / ST_CONFIG_FILE).get("prompts") or {}
     if isinstance(prompts.get("query"), str):
         settings["prefix"] = prompts["query"]
@@ -219,7 +208,7 @@ def folder_settings(folder: Path) -> tuple[Path, dict]:
         settings["prefix"] = own["query_prefix"]
     if own.get("pooling") in (Pooling.mean.value, Pooling.cls.value):
         settings["pooling"] = own["pooling"]
-    return transformer, settings
+    return settings
 
 
 def _json(path: Path) -> dict:
@@ -228,16 +217,19 @@ def _json(path: Path) -> dict:
 
 def load_hf_text(spec: str, source: str | Path, pooling: str | None = None, max_length: int = 64,
                  prefix: str | None = None, default_prefix: str = "") -> HFTextTower:
-    """The text tower ``spec`` from ``source``, a hub name or a folder. Pooling, length and
-    prefix come from the arguments, else the folder's own settings (``folder_settings``; a
-    folder's maximum length only lowers ``max_length``), else mean pooling and
-    ``default_prefix``."""
+    """The text tower ``spec`` from ``source``, a hub name or a folder. A sentence-transformers
+    model (``st_text.is_sentence_transformers``) loads through sentence-transformers
+    (``st_text.load_st_text``). Otherwise pooling and prefix come from the arguments, else the
+    folder's own settings (``folder_settings``), else mean pooling and ``default_prefix``."""
+    from mlilt.towers import st_text  # it builds on this module
+
+    if st_text.is_sentence_transformers(source):
+        return st_text.load_st_text(spec, source, pooling, max_length, prefix, default_prefix=default_prefix)
     settings = {"pooling": Pooling.mean.value, "max_length": max_length, "prefix": default_prefix}
     folder = Path(source).expanduser()
     if folder.is_dir():
-        source, found = folder_settings(folder)
-        settings.update(found)
-        settings["max_length"] = min(settings["max_length"], max_length)
+        source = folder
+        settings.update(folder_settings(folder))
     else:
         source = str(source)  # a hub name
     if pooling is not None:

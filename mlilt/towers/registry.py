@@ -4,7 +4,9 @@
 spec                      side   family
 ========================  =====  ==================================================
 ``me5-small``             text   embedded (``offline.load_me5_small``)
-``hf:NAME``               text   Hugging Face encoder or folder (``hf_text``)
+``hf:NAME``               text   Hugging Face encoder or folder (``hf_text``); a
+                                 sentence-transformers one loads as ``st:NAME`` does
+``st:NAME``               text   sentence-transformers model or folder (``st_text``)
 ``effnet-lite0``          image  embedded (``offline.load_effnet_lite0``)
 ``timm:NAME``             image  timm model (``timm_vision``)
 ``open_clip:MODEL:PRE``   image  open_clip visual tower (``open_clip_vision``)
@@ -31,6 +33,7 @@ from mlilt.towers.hf_text import HFTextTower, load_hf_text
 from mlilt.towers.hf_vision import load_hf_vision
 from mlilt.towers.image import ImageTower
 from mlilt.towers.open_clip_vision import load_open_clip
+from mlilt.towers.st_text import load_st_text
 from mlilt.towers.timm_vision import load_timm
 
 @dataclass(frozen=True)
@@ -47,14 +50,15 @@ EMBEDDED_TOWERS = (
 )
 HUB_EXAMPLES = (
     TowerInfo("xlm-roberta-base", "text", "any Hugging Face AutoModel name or folder (hf:NAME)", False),
-    TowerInfo("sentence-transformers/...", "text", "a sentence-transformers folder or name", False),
+    TowerInfo("sentence-transformers/...", "text",
+              "a sentence-transformers folder or name, every module honoured (st:NAME)", False),
     TowerInfo("ViT-B-32:openai", "image", "open_clip MODEL:PRETRAINED (open_clip:MODEL:PRETRAINED)", False),
     TowerInfo("timm:vit_base_patch16_224", "image", "timm model name", False),
     TowerInfo("facebook/deit-base-patch16-224", "image", "Hugging Face vision model, DeiT/ViT (hf:NAME)", False),
 )
 
 # Family loaders by side and spec prefix: (spec, name after the prefix) -> tower.
-TEXT_FAMILIES: dict[str, Callable[..., HFTextTower]] = {"hf": load_hf_text}
+TEXT_FAMILIES: dict[str, Callable[..., HFTextTower]] = {"hf": load_hf_text, "st": load_st_text}
 IMAGE_FAMILIES: dict[str, Callable[[str, str], ImageTower]] = {"timm": load_timm, "open_clip": load_open_clip,
                                                                "hf": load_hf_vision}
 EMBEDDED_TEXT: dict[str, Callable[..., HFTextTower]] = {"me5-small": offline.load_me5_small}
@@ -78,12 +82,14 @@ def resolve(spec: str, side: str) -> Resolved:
     """The family of a spec. ``me5-small``, ``effnet-lite0`` and ``FAMILY:NAME`` name theirs;
     a spec without a prefix gets one from its shape:
 
-    * text: a Hugging Face name or folder (``hf``);
+    * text: a Hugging Face name or folder (``hf``; one with sentence-transformers'
+      ``modules.json`` loads through sentence-transformers, ``hf_text.load_hf_text``);
     * image: ``MODEL:PRETRAINED`` is open_clip, a folder or a name with ``/`` Hugging Face, any
       other name timm.
 
     A text spec whose name contains ``e5`` (``intfloat/multilingual-e5-base``) gets E5's
-    ``query: `` prefix unless its folder names one (``hf_text.folder_settings``).
+    ``query: `` prefix unless its folder names one (``hf_text.folder_settings``,
+    ``st_text.choose_prompt``).
     """
     embedded, families = (EMBEDDED_TEXT, TEXT_FAMILIES) if side == "text" else (EMBEDDED_IMAGE, IMAGE_FAMILIES)
     if spec in embedded:
