@@ -74,7 +74,8 @@ class TrainConfig:
                   (self.embed_dim >= 1, "--embed-dim must be positive"),
                   (self.max_length >= 4, "--max-length must be at least 4 tokens"),
                   (bool(self.lang.strip()), "--lang must not be empty"),
-                  (self.pooling in (None, "mean", "cls"), "--pooling must be mean or cls"),
+                  (self.pooling in (None, "mean", "cls"), "--pooling must be mean or cls (sentence-transformers "
+                                                          "models pool as they were saved: leave it out)"),
                   (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                    "--device must be auto, cpu, cuda or cuda:N"),
                   (self.exclude_leaks is None or bool(self.leak_root), "--exclude-leaks needs --leak-root"),
