@@ -30,8 +30,9 @@ def train_command(
     lang: Annotated[str, typer.Option(help="Language code of the captions and of the pack, e.g. sw.")],
     out: Annotated[str, typer.Option(help="Pack folder to write (atomically).")],
     data: Annotated[Optional[str], typer.Option(help="Image-caption pairs: JSONL/CSV/TSV (image path relative to "
-                                                     "the file + caption), parquet/arrow, or a Hugging Face "
-                                                     "dataset name.")] = None,
+                                                     "the file + caption), parquet/arrow, a Hugging Face dataset "
+                                                     "name, or WebDataset shards ('shards/{000..099}.tar', "
+                                                     "https:// too).")] = None,
     image_column: Annotated[Optional[str], typer.Option(help="The pairs' image field (default: image, image_path, "
                                                              "file or filepath).")] = D["image_column"],
     caption_column: Annotated[Optional[str], typer.Option(help="The pairs' caption field (default: caption, "

@@ -1,8 +1,10 @@
 """Images for the image tower: references, content ids, checks and decoding to RGB.
 
-An image reaches mlilt either as a file on disk (JSONL/CSV captions, path columns) or as
-encoded bytes held in memory (the Hugging Face ``Image`` feature). :class:`ImageRef` covers
-both so that the rest of the code never needs to know which one it holds.
+An image reaches mlilt as a file on disk (JSONL/CSV captions, path columns), as encoded bytes
+held in memory, or as encoded bytes stored elsewhere and read on demand (a member of a
+WebDataset tar shard, a row of a memory-mapped Hugging Face dataset: a million of them cost
+no image bytes in memory). :class:`ImageRef` covers all three so that the rest of the code
+never needs to know which one it holds.
 
 Every failure to read or decode becomes a :class:`~mlilt.errors.DataError` that names the
 file (and the caption line, when the caller knows it): a user with 50,000 photos needs to
@@ -16,7 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Protocol, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -31,27 +33,45 @@ MAX_PIXELS = 89_478_485
 _HASH_CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    """One image: a filesystem ``path`` or encoded ``data`` bytes (exactly one of them).
+class StoredImage(Protocol):
+    """Encoded image bytes kept elsewhere and read on demand: a member of a WebDataset tar shard
+    (:class:`mlilt.data.shards.TarMember`), a cell of a memory-mapped Arrow table. Hashable and
+    comparable by where the bytes are, so a pair set of a million of them holds no image bytes."""
 
-    ``name`` is what messages call it: the path, or where in-memory bytes came from.
+    def read(self) -> bytes:
+        """The encoded bytes (a DataError naming the place when they cannot be read)."""
+        ...
+
+
+@dataclass(frozen=True, init=False)
+class ImageRef:
+    """One image: a filesystem ``path``, encoded ``data`` bytes held in memory, or a ``stored``
+    place the bytes are read from on demand (exactly one of them).
+
+    ``name`` is what messages call it: the path, or where the bytes came from
+    (``shard-000.tar:000123.jpg``, ``data.parquet row 12``).
     """
 
-    path: Path | None = None
-    data: bytes | None = field(default=None, repr=False)
-    name: str = ""
-    # The content hash, memoised on the instance: [digest] for bytes, which never change;
-    # [(stat key, digest)] for a file, reused while the file's stat key stays the same.
-    _id_memo: list = field(default_factory=list, init=False, repr=False, compare=False)
+    path: Path | None
+    stored: StoredImage | None
+    name: str
+    _bytes: bytes | None = field(repr=False)
+    # The content hash, memoised on the instance: [digest] for bytes, which never change (a
+    # stored image checks on each read that its container did not change); [(stat key, digest)]
+    # for a file, reused while the file's stat key stays the same.
+    _id_memo: list = field(compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if (self.path is None) == (self.data is None):
-            raise TypeError("ImageRef needs exactly one of path= or data=")
-        if self.path is not None and not isinstance(self.path, Path):
-            object.__setattr__(self, "path", Path(self.path))
-        if not self.name:
-            object.__setattr__(self, "name", str(self.path) if self.path is not None else "<bytes>")
+    def __init__(self, path: str | os.PathLike | None = None, data: bytes | None = None, name: str = "",
+                 stored: StoredImage | None = None):
+        if sum(value is not None for value in (path, data, stored)) != 1:
+            raise TypeError("ImageRef needs exactly one of path=, data= or stored=")
+        if path is not None and not isinstance(path, Path):
+            path = Path(path)
+        if not name:
+            name = str(path) if path is not None else "<bytes>" if data is not None else repr(stored)
+        for key, value in (("path", path), ("stored", stored), ("name", name), ("_bytes", data),
+                           ("_id_memo", [])):
+            object.__setattr__(self, key, value)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike) -> "ImageRef":
@@ -60,6 +80,33 @@ class ImageRef:
     @classmethod
     def from_bytes(cls, data: bytes, name: str = "<bytes>") -> "ImageRef":
         return cls(data=bytes(data), name=name)
+
+    @classmethod
+    def from_stored(cls, stored: StoredImage, name: str) -> "ImageRef":
+        return cls(stored=stored, name=name)
+
+    @property
+    def data(self) -> bytes | None:
+        """The encoded bytes when the image is not a file (``None`` for a path).
+
+        A stored image's bytes are read from their container on each access and never kept:
+        code written for in-memory images (``path is None`` -> use ``data``) works unchanged.
+        """
+        return self._bytes if self.stored is None else self.read_bytes()
+
+    def read_bytes(self) -> bytes:
+        """The encoded bytes, whatever kind of ref this is (a DataError when unreadable)."""
+        if self._bytes is not None:
+            return self._bytes
+        if self.path is not None:
+            try:
+                return self.path.read_bytes()
+            except (OSError, ValueError) as exc:
+                raise DataError(f"image {self.name}: cannot read {self.path} ({_reason(exc)})") from None
+        data = self.stored.read()
+        if not self._id_memo:  # the bytes are here anyway: hash them now rather than read them twice
+            self._id_memo.append(hashlib.sha256(data).hexdigest())
+        return data
 
     @property
     def id(self) -> str:
@@ -92,9 +139,11 @@ def image_id(ref: ImageLike, source: str | None = None) -> str:
     """
     ref = as_ref(ref)
     memo = ref._id_memo
-    if ref.data is not None:
+    if ref.path is None:
         if not memo:
-            memo.append(hashlib.sha256(ref.data).hexdigest())
+            data = _read(ref, source)
+            if not memo:  # a stored image's read memoises it
+                memo.append(hashlib.sha256(data).hexdigest())
         return memo[0]
     path = os.path.abspath(ref.path)
     try:
@@ -108,6 +157,17 @@ def image_id(ref: ImageLike, source: str | None = None) -> str:
         raise DataError(f"{_where(ref, source)}: cannot read {path} ({_reason(exc)})") from None
     memo[:] = [(key, digest)]
     return digest
+
+
+def _read(ref: ImageRef, source: str | None) -> bytes:
+    """``ref.read_bytes()`` with ``source`` (the caption line) in front of any error; the error
+    itself names the image (a stored image's names its container and member)."""
+    try:
+        return ref.read_bytes()
+    except DataError as exc:
+        if source is None:
+            raise
+        raise DataError(f"{source}: {exc}") from None
 
 
 def _file_sha256(path: str) -> str:
@@ -124,17 +184,23 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _in_memory(ref: ImageRef, source: str | None) -> ImageRef:
+    """A stored image's bytes read once into a transient ref (verifying a JPEG opens it twice)."""
+    return ref if ref.stored is None else ImageRef.from_bytes(_read(ref, source), name=ref.name)
+
+
 def _open(ref: ImageRef, where: str) -> Image.Image:
     """``Image.open`` with the bomb guard and every PIL failure turned into DataError."""
     if ref.path is not None and os.path.exists(ref.path) and os.path.getsize(ref.path) == 0:
         raise DataError(f"{where}: empty file (0 bytes)")
-    if ref.data is not None and not ref.data:
+    data = None if ref.path is not None else ref.read_bytes()
+    if data is not None and not data:
         raise DataError(f"{where}: empty image data (0 bytes)")
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; we want an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(ref.path if ref.path is not None else io.BytesIO(ref.data))
+            image = Image.open(ref.path if data is None else io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{where}: too many pixels, refusing to decode ({exc})") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
@@ -158,6 +224,7 @@ def verify_image(ref: ImageLike, source: str | None = None) -> None:
     """
     ref = as_ref(ref)
     where = _where(ref, source)
+    ref = _in_memory(ref, source)
     image = _open(ref, where)
     try:
         fmt = image.format
@@ -183,6 +250,7 @@ def load_image(ref: ImageLike, source: str | None = None) -> Image.Image:
     """
     ref = as_ref(ref)
     where = _where(ref, source)
+    ref = _in_memory(ref, source)
     image = _open(ref, where)
     try:
         image.load()

@@ -1,4 +1,4 @@
-"""Read image-caption pairs from JSON Lines, CSV/TSV or a Hugging Face dataset.
+"""Read image-caption pairs from JSON Lines, CSV/TSV, a Hugging Face dataset or WebDataset shards.
 
 Every format goes through the same per-row checks (:class:`_Collector`), so a bad row gets
 the same message and the same ``skip_bad`` reason whatever file it came from. Messages name
@@ -15,6 +15,9 @@ Decisions worth knowing:
 * Rows are validated before the language filter (a broken line is broken whatever its
   language), but image files are only checked for the rows that are kept.
 * Image files must exist even with ``check_images=False``; that flag only skips decoding.
+* Images embedded in a dataset or a shard are not copied into memory: each ref reads its
+  bytes on demand from the memory-mapped Arrow table (:class:`_DatasetCell`) or the tar
+  member (:mod:`mlilt.data.shards`), so a pair set costs its captions and refs only.
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ ROW_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"
 DATASET_FILES = {".parquet": "parquet", ".arrow": "arrow"}
 SUPPORTED = (
     ".jsonl/.json (JSON Lines), .csv, .tsv, .parquet, .arrow, a folder of parquet/arrow "
-    "files, a datasets save_to_disk folder (optionally FOLDER:split), or a Hugging Face "
-    "dataset name user/name[:split]"
+    "files, a datasets save_to_disk folder (optionally FOLDER:split), a Hugging Face "
+    "dataset name user/name[:split], or WebDataset .tar shards (a brace pattern, '::' lists, URLs)"
 )
 UNDETERMINED = "und"  # BCP-47 "undetermined": the summary key for rows without a language
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?$")
@@ -193,6 +196,10 @@ class _Columns:
 def _records(label: str, columns: _Columns) -> Iterator[tuple[str, Any, Path | None]]:
     """Yield (where, record-or-_RowError, base folder for relative image paths)."""
     path = _expand(label)
+    from mlilt.data import shards  # it imports this module
+
+    if not path.is_dir() and shards.is_shard_source(label):
+        return shards.shard_records(label, columns)
     if path.is_file():
         kind = ROW_FORMATS.get(path.suffix.lower())
         if kind == "jsonl":
@@ -375,7 +382,10 @@ def _kind(value: Any) -> str:
 
 
 def _image_ref(value: Any, base: Path | None, where: str) -> ImageRef:
-    """An ImageRef from a path string, an HF ``{"bytes", "path"}`` dict, bytes or a PIL image."""
+    """An ImageRef from a path string, an HF ``{"bytes", "path"}`` dict, bytes or a PIL image
+    (or one a reader made itself: a shard member, a dataset cell)."""
+    if isinstance(value, ImageRef):
+        return value
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes"):
             return ImageRef.from_bytes(value["bytes"], name=str(value.get("path") or "<embedded>"))
@@ -608,7 +618,8 @@ def _guarded(label: str, load, hub: bool = False):
 def _dataset_records(
     dataset, label: str, base: Path | None, columns: _Columns
 ) -> Iterator[tuple[str, Any, Path | None]]:
-    """Rows of a datasets.Dataset; images stay encoded (decoding waits for the tower)."""
+    """Rows of a datasets.Dataset; images stay encoded (decoding waits for the tower) and where
+    they are (an embedded image is a :class:`_DatasetCell`, read from the table when needed)."""
     datasets = _datasets()
     names = list(dataset.column_names)
     image = _dataset_column(dataset, names, columns, "image", label)
@@ -617,12 +628,82 @@ def _dataset_records(
     if isinstance(dataset.features.get(image), datasets.Image):
         dataset = dataset.cast_column(image, datasets.Image(decode=False))
     wanted = [name for name in (image, caption, lang) if name]
-    dataset = dataset.select_columns(wanted)
+    table = dataset.select_columns(wanted).with_format("arrow")
+    cells = _DatasetColumn(dataset.select_columns([image]).with_format("arrow"), label)
     # Records use the first candidate name, which is what _extract looks for first.
     chosen = (("image", image), ("caption", caption), ("lang", lang))
     rename = {name: columns.candidates(what)[0] for what, name in chosen if name}
-    for index, row in enumerate(dataset):
-        yield f"{label} row {index}", {rename[key]: value for key, value in row.items()}, base
+    index = 0
+    for batch in table.iter(batch_size=_ROWS_PER_BATCH):
+        values = {name: (_image_values(batch.column(name), cells, index) if name == image
+                         else batch.column(name).to_pylist()) for name in wanted}
+        for offset in range(batch.num_rows):
+            row = {rename[name]: values[name][offset] for name in wanted}
+            yield f"{label} row {index + offset}", row, base
+        index += batch.num_rows
+
+
+_ROWS_PER_BATCH = 1024
+
+
+class _DatasetColumn:
+    """The image column of one dataset read by ``read_pairs``, shared by all of its cells."""
+
+    def __init__(self, view, label: str):
+        self.view, self.label = view, label  # a one-column dataset formatted as Arrow tables
+
+
+class _DatasetCell:
+    """One embedded image of a dataset: its bytes are read from the (memory-mapped) Arrow table
+    on demand, never copied into the pair set (a :class:`~mlilt.data.images.StoredImage`)."""
+
+    __slots__ = ("column", "row")
+
+    def __init__(self, column: _DatasetColumn, row: int):
+        self.column, self.row = column, row
+
+    def read(self) -> bytes:
+        try:
+            value = self.column.view[self.row].column(0)[0].as_py()
+        except Exception as exc:  # pyarrow and datasets raise many kinds
+            raise DataError(f"{self.column.label} row {self.row}: cannot read the image from the dataset "
+                            f"({type(exc).__name__}: {exc})"[:500]) from None
+        data = value.get("bytes") if isinstance(value, dict) else value
+        if not isinstance(data, (bytes, bytearray)):
+            raise DataError(f"{self.column.label} row {self.row}: the image's bytes are gone from the dataset")
+        return bytes(data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _DatasetCell) and (self.column, self.row) == (other.column, other.row)
+
+    def __hash__(self) -> int:
+        return hash((id(self.column), self.row))
+
+    def __repr__(self) -> str:
+        return f"<{self.column.label} row {self.row}>"
+
+
+def _image_values(column, cells: _DatasetColumn, start: int) -> list:
+    """Per row of a batch: a ref to an embedded image (its bytes are not touched), else what the
+    row holds (a path, an ``{"bytes": None, "path": ...}`` dict, a null) as before."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        embedded = pc.is_valid(pc.struct_field(column, "bytes")).to_pylist()
+        paths = pc.struct_field(column, "path").to_pylist() if kind.get_field_index("path") >= 0 else None
+        present = column.is_valid().to_pylist()
+        return [_cell(cells, start + i, paths[i] if paths else None) if has and ok
+                else ({"bytes": None, "path": paths[i] if paths else None} if ok else None)
+                for i, (has, ok) in enumerate(zip(embedded, present))]
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return [_cell(cells, start + i, None) if ok else None for i, ok in enumerate(column.is_valid().to_pylist())]
+    return column.to_pylist()
+
+
+def _cell(cells: _DatasetColumn, row: int, path: str | None) -> ImageRef:
+    return ImageRef.from_stored(_DatasetCell(cells, row), name=str(path or "<embedded>"))
 
 
 def _dataset_column(dataset, names: list[str], columns: _Columns, what: str, label: str) -> str | None:

@@ -16,7 +16,7 @@ DEFAULT_LICENSE = "apache-2.0"
 TAGS = ["mlilt", "image-text", "clip", "language-pack"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DATASET_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)(?::[\w.-]+)?$")  # USER/NAME[:SPLIT]
-_FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow"}
+_FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".tar", ".gz"}
 _RECALL = re.compile(r"^(image|text)_retrieval_recall@(\d+)$")
 
 
