@@ -112,7 +112,7 @@ def _assert_same_run(expected: Path, got: Path, atol: float = 1e-5) -> None:
 @pytest.mark.parametrize("method", ["ln+adapter", "unlock:1@text"])
 def test_two_processes_train_the_one_process_pack(tiny_vit_towers, data, tmp_path, monkeypatch, method):
     """ln+adapter runs the image tower on each rank's pixels; unlock:1@text reads cached image
-    features (rank 0 fills the cache first) and the text prefix cache."""
+    features (rank 0 fills the cache first)."""
     settings = _settings(data, tmp_path / "one", method=method)
     one = train(TrainConfig(**settings)).pack
     monkeypatch.setenv("MLILT_CACHE", str(tmp_path / "fresh-cache"))  # the 2-process run fills its own

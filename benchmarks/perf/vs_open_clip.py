@@ -8,8 +8,8 @@ comparisons share runs once:
 
 * mlilt ``ln+adapter`` anchored on ``langpacks/sw`` (image side frozen: image features are
   computed once, then read from the feature cache);
-* mlilt ``ln+adapter+top:4`` anchored: the same, limited to the last 4 text blocks, so the
-  text prefix cache holds blocks 0-7 after the first epoch;
+* mlilt ``ln+adapter+top:4`` anchored: the same, limited to the last 4 text blocks (the
+  backward pass stops at block 8);
 * ``open_clip_train.main`` with ``--lock-image --lock-text`` (its LiT/LayerNorm-tuning mode:
   LayerNorms of the text tower and both projections train, the image tower runs every step).
   Its nearest mode to ``top:4``, ``--lock-text-unlocked-layers 4``, cannot run here:
@@ -196,7 +196,7 @@ def step_times(spans: list[tuple[float, float]]) -> list[float]:
 
 
 MLILT_LN_ADAPTER = "mlilt ln+adapter, anchored (image features cached)"
-MLILT_TOP4 = "mlilt ln+adapter+top:4, anchored (image features cached; text blocks 0-7 cached from epoch 2)"
+MLILT_TOP4 = "mlilt ln+adapter+top:4, anchored (image features cached; backward through the last 4 text blocks)"
 OPEN_CLIP_LN = "open_clip_train --lock-image --lock-text (text LayerNorms train)"
 RUN_ARGS = {
     MLILT_LN_ADAPTER: ["--child", "mlilt", "--method", "ln+adapter", "--anchor", "{anchor}"],
@@ -291,7 +291,7 @@ def main() -> None:
     parser.add_argument("--runs", default="ln+adapter,ln+adapter+top:4,full-text",
                         help=f"comparisons to run: {', '.join(COMPARISONS)}")
     parser.add_argument("--epochs", type=int, default=3,
-                        help="epochs per run (the text prefix cache pays from the 2nd)")
+                        help="epochs per run (steady-state figures use the 2nd on)")
     parser.add_argument("--precision", choices=sorted(OPEN_CLIP_PRECISION), default="fp32",
                         help="both sides: fp32, or bfloat16 autocast (fast only on GPUs and CPUs with AMX/AVX512-BF16)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
