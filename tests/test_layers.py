@@ -24,6 +24,7 @@ LAYERS = [
     {"evaluation"},
     {"training"},
     {"api", "clip_model"},
+    {"export"},  # packs in other libraries' formats (sentence-transformers, PEFT)
     {"demo"},
     {"studies"},
     {"cli", "__main__"},

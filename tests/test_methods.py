@@ -119,7 +119,7 @@ def _expected_trainable(kind: str, side: str, tower: nn.Module, method: str) -> 
         elif part == "adapter":
             expected |= {n for n in names if ".adapter." in n}
         elif part == "lora":
-            expected |= {n for n in names if re.search(r"\.lora_[AB]$", n)}
+            expected |= {n for n in names if re.search(r"\.lora_[AB](\.default\.weight)?$", n)}  # PEFT's, or open_clip's
         elif part == "unlock":
             expected |= {n for n in names if _in_last_block(kind, n)}
         elif part in ("full", "full-text"):
@@ -127,6 +127,11 @@ def _expected_trainable(kind: str, side: str, tower: nn.Module, method: str) -> 
     if _top_blocks(method) == 1:
         expected = {n for n in expected if _in_last_block(kind, n)}
     return expected
+
+
+def _lora_a(module: nn.Module) -> torch.Tensor:
+    """LoRA's A: PEFT's layer keeps it as ``lora_A["default"].weight``, open_clip's weight parametrisation as ``lora_A``."""
+    return module.lora_A["default"].weight if isinstance(module.lora_A, nn.ModuleDict) else module.lora_A
 
 
 def _trainable(tower: nn.Module) -> set[str]:
@@ -139,6 +144,7 @@ def _check_structure(kind: str, side: str, tower: nn.Module, method: str, report
     names = [name for name, _ in tower.named_parameters()]
     adapters = [name for name, module in tower.named_modules() if name.endswith(".adapter")]
     loras = [name for name, module in tower.named_modules() if hasattr(module, "lora_A")]
+    lora_ranks = [_lora_a(tower.get_submodule(n)).shape[0] for n in loras]
     by_name = {part.name: part for part in parts}
     transformer = kind != "timm-cnn"
     blocks = _top_blocks(method) or TRANSFORMER_BLOCKS  # blocks the methods may act in
@@ -165,7 +171,7 @@ def _check_structure(kind: str, side: str, tower: nn.Module, method: str, report
     if "lora" in by_name:
         rank = by_name["lora"].arg or METHODS["lora"].default_arg
         assert len(loras) == LORA_TARGETS[kind] * blocks // TRANSFORMER_BLOCKS, loras
-        assert all(tower.get_submodule(n).lora_A.shape[0] == rank for n in loras)
+        assert all(r == rank for r in lora_ranks)
         if not loras:
             assert any("lora" in note and side in note for note in report.notes), report.notes
     else:
@@ -192,7 +198,7 @@ def _move_identity_inits_off_zero(model: nn.Module) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.requires_grad and (re.search(r"\.adapter\.up\.(weight|bias)$", name) or name.endswith("lora_B")):
+            if param.requires_grad and (re.search(r"\.adapter\.up\.(weight|bias)$", name) or re.search(r"lora_B(\.default\.weight)?$", name)):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 

@@ -125,7 +125,7 @@ def _apply_part(part: MethodPart, towers: dict[str, Tower], frozen_sides, report
     found_anywhere = 0
     for side in sides:
         found = method.apply(towers[side], part.arg if part.arg is not None else method.default_arg,
-                             scopes.get(side, everywhere))
+                             scopes.get(side, everywhere), **dict(part.options))  # options: lora's only
         report.rows.append(MethodRow(str(part), side, found, method.target_kind))
         found_anywhere += found
         if found == 0 and method.sides:

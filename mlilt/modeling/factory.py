@@ -31,8 +31,10 @@ def build_sides(towers: dict[str, Tower], method: str, embed_dim: int, frozen_si
 def load_state_strict(encoder: SideEncoder, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``tensors`` into the encoder's own parameters; names, shapes and dtypes must match."""
     from mlilt.errors import PackError
+    from mlilt.methods.lora import current_names
 
     own = encoder.own_state()
+    tensors = current_names(tensors, set(own))  # LoRA packs saved before PEFT wrapped their layers
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise PackError(f"{where}: tensors do not match the method's parameters "
