@@ -45,6 +45,16 @@ def demo_root(out: Path) -> Path:
     return out / "data"
 
 
+def teacher_pack(study: StudyConfig, out: Path, teacher: Cell) -> Path:
+    """Where a teacher cell's pack is kept for its students; the config hash in the name means a
+    stale teacher's pack is never taught from."""
+    return out / "teachers" / f"{teacher.id}-{study.cell_hash(teacher)}"
+
+
+def parallel_file(study: StudyConfig, out: Path, cell: Cell) -> Path:
+    return study.parallel.file(cell.lang, demo_root(out))
+
+
 def rerun_command(study: StudyConfig, out: Path, cell: Cell) -> str:
     return shlex.join(["mlilt", "bench", "--config", str(study.path), "--out", str(out), "--cell", cell.id, "--force"])
 
@@ -61,6 +71,23 @@ def budget_pairs(study: StudyConfig, out: Path, cell: Cell) -> list:
     order = list(range(len(pairs)))
     random.Random(f"budget-{cell.seed}").shuffle(order)
     return [pairs[i] for i in sorted(order[:cell.budget])]
+
+
+def student_sentences(study: StudyConfig, out: Path, cell: Cell, work: Path) -> Path:
+    """The first ``cell.parallel`` pairs of the study's parallel file, as JSON Lines in ``work``
+    (a larger size holds every smaller one)."""
+    from mlilt.data.parallel import read_parallel
+
+    source = parallel_file(study, out, cell)
+    found = read_parallel(source)
+    if cell.parallel > len(found):
+        raise DataError(f"{source}: cell {cell.id} wants {cell.parallel} parallel pairs but there are only "
+                        f"{len(found)}")
+    rows = [json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n"
+            for s, t in zip(found.sources[:cell.parallel], found.targets[:cell.parallel])]
+    path = work / "parallel.jsonl"
+    path.write_text("".join(rows), encoding="utf-8")
+    return path
 
 
 def write_budget(pairs: list, work: Path) -> Path:
@@ -88,28 +115,53 @@ def run_cell(study: StudyConfig, out: Path, cell: Cell, console=None) -> dict:
     if work.exists():
         shutil.rmtree(work)  # a previous attempt's leftovers: the cell starts over
     work.mkdir(parents=True)
-    data = write_budget(budget_pairs(study, out, cell), work)
-    trained = _train(study, cell, data, work / "pack", console)
+    data = write_budget(budget_pairs(study, out, cell), work) if cell.budget else None
+    distill = _distill_settings(study, out, cell, work) if cell.parallel else {}
+    trained = _train(study, cell, data, work / "pack", console, distill)
     result = {"version": RESULT_VERSION, "study": study.name, "cell_id": cell.id,
               "cell_hash": study.cell_hash(cell), "cell": vars(cell) | {"eval_langs": study.eval_languages(cell)},
               "command": rerun_command(study, out, cell), **trained,
               **_evaluate(study, out, cell, trained["pack"]), "machine": _machine()}
+    if distill:
+        result["teacher"] = {"cell_id": study.teacher_of(cell).id, "pack": distill["teacher"]}
+    if cell in study.teachers():  # its students learn from this pack: keep it where they look
+        _keep(Path(trained["pack"]), teacher_pack(study, out, cell))
     if not study.keep_packs:
         shutil.rmtree(work)
     atomic.write_text(result_path(out, cell), json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
 
 
-def _train(study: StudyConfig, cell: Cell, data: Path, pack_out: Path, console) -> dict:
+def _keep(pack: Path, kept: Path) -> None:
+    """Copy ``pack`` to ``kept`` whole or not at all (a student never reads half a teacher)."""
+    staged = kept.with_name(kept.name + ".partial")
+    for leftover in (staged, kept):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    shutil.copytree(pack, staged)
+    staged.rename(kept)
+
+
+def _distill_settings(study: StudyConfig, out: Path, cell: Cell, work: Path) -> dict:
+    """A student's TrainConfig options: its sentences and its teacher cell's kept pack."""
+    teacher = study.teacher_of(cell)
+    pack = teacher_pack(study, out, teacher)
+    if not pack.is_dir():
+        raise DataError(f"cell {cell.id} learns from teacher cell {teacher.id}, whose pack {pack} is not there; "
+                        f"run the teacher first: {rerun_command(study, out, teacher)}")
+    return {"parallel": (str(student_sentences(study, out, cell, work)),), "teacher": str(pack)}
+
+
+def _train(study: StudyConfig, cell: Cell, data: Path | None, pack_out: Path, console, distill: dict) -> dict:
     from mlilt.training.trainer import train
     from mlilt.training.config import TrainConfig
 
     settings = study.train_settings(cell.method)
-    if "steps" in settings:
-        settings["epochs"] = epochs_for_steps(settings.pop("steps"), cell.budget, settings)
-    config = TrainConfig(lang=cell.lang, data=str(data), out=str(pack_out), method=cell.method,
+    if "steps" in settings:  # an epoch goes through the image-caption pairs, else the sentences
+        settings["epochs"] = epochs_for_steps(settings.pop("steps"), cell.budget or cell.parallel, settings)
+    config = TrainConfig(lang=cell.lang, data=str(data) if data else None, out=str(pack_out), method=cell.method,
                          text_tower=study.text_tower, image_tower=study.image_tower, seed=cell.seed,
-                         overwrite=True, **settings)
+                         overwrite=True, **settings, **distill)
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     result = train(config, console=console)
     seconds, cpu_seconds = time.perf_counter() - started, _cpu_seconds() - cpu_started
@@ -127,8 +179,9 @@ def _train(study: StudyConfig, cell: Cell, data: Path, pack_out: Path, console) 
 
 
 def epochs_for_steps(steps: int, budget: int, settings: dict) -> int:
-    """Epochs that give at least ``steps`` optimizer steps on this budget: every budget gets the
-    same compute, so small budgets are not also starved of steps."""
+    """Epochs that give at least ``steps`` optimizer steps on this budget (pairs, or parallel
+    sentences when they set the epoch): every budget gets the same compute, so small budgets are
+    not also starved of steps."""
     from mlilt.training.config import TrainConfig
 
     holdout = settings.get("holdout", TrainConfig.holdout)

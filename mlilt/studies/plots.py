@@ -22,6 +22,56 @@ def write_plots(study: StudyConfig, rows: list[dict], out: Path) -> list[Path]:
             _save(_train_time(study, own), folder / "train_time.png")]
 
 
+def write_signal_plots(study: StudyConfig, rows: list[dict], out: Path) -> list[Path]:
+    """With student cells: mean recall against parallel sentences per signal, one panel per student language."""
+    if study.parallel is None or not any(row["parallel"] for row in rows):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    folder = out / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return [_save(_recall_vs_parallel(study, rows), folder / "recall_vs_parallel.png")]
+
+
+def _recall_vs_parallel(study: StudyConfig, rows: list[dict]):
+    import matplotlib.pyplot as plt
+
+    spec = study.parallel
+    figure, axes = plt.subplots(1, len(spec.languages), figsize=(5.2 * len(spec.languages), 3.8), squeeze=False)
+    for ax, lang in zip(axes[0], spec.languages):
+        on_lang = [row for row in rows if row["eval_lang"] == lang]
+        recall = group(on_lang, MR, "method", "train_lang", "budget", "parallel")
+        for method in study.methods:
+            for pairs in spec.with_pairs:
+                points = [(n, recall[(method, lang, pairs, n)]) for n in spec.sizes
+                          if (method, lang, pairs, n) in recall]
+                label = f"{method}: {pairs} {lang} pairs + sentences" if pairs else f"{method}: sentences only"
+                if points:
+                    ax.errorbar([n for n, _ in points], [s.mean for _, s in points],
+                                yerr=[s.std or 0.0 for _, s in points], marker="o", capsize=3, label=label)
+            flat = [(f"{method}: {b} {lang} pairs only", recall.get((method, lang, b, 0)), "--")
+                    for b in study.budgets_of(lang) if lang in study.languages]
+            flat.append((f"{method}: {spec.teacher_lang} pack, {lang} queries",
+                         recall.get((method, spec.teacher_lang, spec.teacher_budget, 0)), ":"))
+            for label, value, style in flat:
+                if value is not None:
+                    colour = "grey" if style == ":" else "black"
+                    ax.axhline(value.mean, linestyle=style, color=colour, label=label)
+                    if value.std:
+                        ax.axhspan(value.mean - value.std, value.mean + value.std, color=colour, alpha=0.1)
+        ax.set_xscale("log")
+        ax.set_xticks(spec.sizes, [f"{n:,}" for n in spec.sizes])
+        ax.minorticks_off()
+        ax.set_title(lang)
+        ax.set_xlabel(f"parallel sentences ({spec.teacher_lang}→{lang})")
+        ax.set_ylabel(f"mean recall (%), {lang} test")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.suptitle(f"{study.name}: sources of signal (mean ± std over seeds)")
+    return figure
+
+
 def _save(figure, path: Path) -> Path:
     import io
 

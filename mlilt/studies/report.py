@@ -8,30 +8,37 @@ from pathlib import Path
 
 from mlilt.files import atomic
 from mlilt.studies.config import StudyConfig
-from mlilt.studies.results import Stat, group, load_histories, load_rows, own_language, rows_csv, stat
+from mlilt.studies.results import Stat, group, load_histories, load_rows, own_language, plain, rows_csv, stat
 
 MR = "mean_recall"
 
 
 def write_report(study: StudyConfig, out: Path) -> Path:
     """Write results.csv, results.json, the plots and report.md into ``out``; return the report path."""
-    from mlilt.studies.plots import write_plots
+    from mlilt.studies.plots import write_plots, write_signal_plots
 
     rows = load_rows(study, out)
     atomic.write_text(out / "results.csv", rows_csv(rows))
     atomic.write_text(out / "results.json", json.dumps(rows, indent=1, sort_keys=True) + "\n")
-    plots = write_plots(study, rows, out) if rows else []
+    plots = (write_plots(study, plain(rows), out) if plain(rows) else []) + write_signal_plots(study, rows, out)
     report = out / "report.md"
     atomic.write_text(report, render_report(study, out, rows, plots))
     return report
 
 
 def render_report(study: StudyConfig, out: Path, rows: list[dict], plots: list[Path]) -> str:
+    from mlilt.studies.signals import signals_section
+
     cells_done = len({row["cell_id"] for row in rows})
     parts = [_header(study, out, cells_done)]
+    pairs_only = plain(rows)
+    if pairs_only:
+        parts += [_results_section(study, pairs_only), _cost_section(study, pairs_only),
+                  _baseline_section(study, pairs_only), _scarce_section(study, pairs_only)]
     if rows:
-        parts += [_results_section(study, rows), _cost_section(study, rows), _baseline_section(study, rows),
-                  _scarce_section(study, rows), _transfer_section(study, rows), _time_section(study, out, rows),
+        parts.append(signals_section(study, rows))
+    if pairs_only:
+        parts += [_transfer_section(study, pairs_only), _time_section(study, out, pairs_only),
                   _plots_section(plots, out)]
     return "\n\n".join(part for part in parts if part) + "\n"
 
@@ -43,7 +50,8 @@ def _header(study: StudyConfig, out: Path, cells_done: int) -> str:
              f"- towers: text `{study.text_tower}`, image `{study.image_tower}`",
              f"- benchmark: `{study.evaluate.benchmark}`; languages trained: {', '.join(study.languages)}; "
              f"budgets (training pairs, 10% of them held out to pick the epoch unless set): "
-             f"{', '.join(map(str, study.budgets))}; seeds: {', '.join(map(str, study.seeds))}",
+             f"{_budget_text(study)}; seeds: {', '.join(map(str, study.seeds))}",
+             _parallel_text(study),
              f"- cells finished: {cells_done} of {total}" + ("" if cells_done == total else " (the report covers "
                                                             "only the finished ones)"),
              f"- reproduce: `{command}`; each cell's own command is in `results.csv`",
@@ -52,13 +60,30 @@ def _header(study: StudyConfig, out: Path, cells_done: int) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def _budget_text(study: StudyConfig) -> str:
+    if not study.lang_budgets:
+        return ", ".join(map(str, study.budgets))
+    return "; ".join(f"{lang} {', '.join(map(str, study.budgets_of(lang)))}" for lang in study.languages)
+
+
+def _parallel_text(study: StudyConfig) -> str:
+    spec = study.parallel
+    if spec is None:
+        return ""
+    return (f"- students: {', '.join(spec.languages)} learned from parallel sentences "
+            f"({spec.teacher_lang}→student language; {', '.join(map(str, spec.sizes))} of them) distilled from "
+            f"the study's own {spec.teacher_lang} cell at {spec.teacher_budget} pairs (same method and seed), "
+            f"with {' or '.join(str(b) if b else 'no' for b in spec.with_pairs)} image-caption pairs of their "
+            f"own language")
+
+
 def _table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 
 
 def _columns(study: StudyConfig) -> list[tuple[str, int]]:
-    return [(lang, budget) for lang in study.languages for budget in study.budgets]
+    return [(lang, budget) for lang in study.languages for budget in study.budgets_of(lang)]
 
 
 def _results_section(study: StudyConfig, rows: list[dict]) -> str:

@@ -1,6 +1,7 @@
 """A study's finished cells as flat rows, and the aggregates the report and plots read.
 
-One row per (cell, evaluated language). Seeds are aggregated as mean ± sample std.
+One row per (cell, evaluated language); ``parallel`` is a student's count of parallel sentences
+(0 for other cells). Seeds are aggregated as mean ± sample std.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from mlilt.studies.config import StudyConfig
 
 METRICS = ("image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
            "text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10", "mean_recall")
-COLUMNS = ("study", "cell_id", "train_lang", "eval_lang", "transfer", "method", "budget", "seed", *METRICS,
+COLUMNS = ("study", "cell_id", "train_lang", "eval_lang", "transfer", "method", "budget", "parallel", "seed",
+           *METRICS,
            "trainable_params", "trainable_percent", "pack_bytes", "train_wall_s", "train_cpu_s", "samples_per_s",
            "peak_rss_mb", "gpu_peak_mb", "best_epoch", "command")
 
@@ -35,7 +37,8 @@ def load_rows(study: StudyConfig, out: Path) -> list[dict]:
 def _rows(study: str, result: dict) -> list[dict]:
     cell = result["cell"]
     base = {"study": study, "cell_id": result["cell_id"], "train_lang": cell["lang"], "method": cell["method"],
-            "budget": cell["budget"], "seed": cell["seed"], "trainable_params": result["trainable"]["params"],
+            "budget": cell["budget"], "parallel": cell.get("parallel", 0), "seed": cell["seed"],
+            "trainable_params": result["trainable"]["params"],
             "trainable_percent": result["trainable"]["percent"], "pack_bytes": result["pack_bytes"],
             "train_wall_s": result["train_wall_s"], "train_cpu_s": result["train_cpu_s"],
             "samples_per_s": result["samples_per_s"],
@@ -80,7 +83,12 @@ def own_language(rows: list[dict]) -> list[dict]:
     return [row for row in rows if not row["transfer"]]
 
 
+def plain(rows: list[dict]) -> list[dict]:
+    """Rows of cells trained on image-caption pairs alone (no parallel sentences)."""
+    return [row for row in rows if not row["parallel"]]
+
+
 def load_histories(study: StudyConfig, out: Path, budget: int) -> dict[tuple, list[dict]]:
     """Per-epoch training history of each finished cell at ``budget``: (method, lang, seed) -> rows."""
     return {(cell.method, cell.lang, cell.seed): result["history"] for cell, result in finished(study, out)
-            if cell.budget == budget}
+            if cell.budget == budget and not cell.parallel}

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlilt.studies.cell import current_result, demo_root
+from mlilt.studies.cell import current_result, demo_root, teacher_pack
 from mlilt.studies.config import Cell, StudyConfig
 from mlilt.errors import DataError, UsageError
 
@@ -29,7 +29,8 @@ class StudyRun:
 
 
 def prepare_data(study: StudyConfig, out: Path) -> None:
-    """Generate the demo data once per study folder (every cell and every rerun shares it)."""
+    """Generate the demo data once per study folder (every cell and every rerun shares it), and
+    with a ``parallel:`` section the demo parallel sentences."""
     if study.data.demo is None:
         return
     from mlilt.demo.data import generate_demo
@@ -39,12 +40,55 @@ def prepare_data(study: StudyConfig, out: Path) -> None:
     if marker.exists():
         written = json.loads(marker.read_text(encoding="utf-8"))
         same = all(written.get(k if k != "scenes" else "n") == v for k, v in wanted.items() if k != "langs")
-        if same and set(wanted["langs"]) <= set(written.get("langs", [])):
-            return
-        raise UsageError(f"{root} holds demo data made with other settings than {study.path} asks for; "
-                         f"delete {root} or choose another --out")
-    args = dict(wanted)
-    generate_demo(root, args.pop("langs"), n=args.pop("scenes"), **args)
+        if not same or not set(wanted["langs"]) <= set(written.get("langs", [])):
+            raise UsageError(f"{root} holds demo data made with other settings than {study.path} asks for; "
+                             f"delete {root} or choose another --out")
+    else:
+        args = dict(wanted)
+        generate_demo(root, args.pop("langs"), n=args.pop("scenes"), **args)
+    if study.parallel is not None and study.parallel.train is None:
+        for lang in study.parallel.languages:
+            _demo_parallel(study, out, lang)
+
+
+def _demo_parallel(study: StudyConfig, out: Path, lang: str) -> None:
+    """Teacher-language<TAB>student-language captions of text-only scenes: a seed other than the
+    images', and no sentence that captions any of the study's images (train or test)."""
+    from mlilt.demo.data import caption_scene, make_scenes
+    from mlilt.files import atomic
+
+    spec, demo = study.parallel, _demo_args(study)
+    path = spec.file(lang, demo_root(out))
+    wanted = {"seed": _parallel_seed(study), "lines": max(spec.sizes), "source": spec.teacher_lang, "target": lang}
+    marker = path.with_suffix(".json")
+    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == wanted:
+        return
+    taken = set()
+    for split in ("train", "test"):
+        for other in (spec.teacher_lang, lang):
+            captions = demo_root(out) / other / f"{split}.jsonl"
+            taken |= {json.loads(line)["caption"] for line in captions.read_text(encoding="utf-8").splitlines()}
+    lines, seen, count = [], set(), 2 * wanted["lines"]
+    while len(lines) < wanted["lines"]:
+        scenes = make_scenes(count, seed=wanted["seed"], image_size=demo["image_size"])
+        lines, seen = [], set()
+        for scene in scenes:
+            pair = (caption_scene(scene, spec.teacher_lang, wanted["seed"]), caption_scene(scene, lang, wanted["seed"]))
+            if pair[0] not in taken and pair[1] not in taken and pair not in seen:
+                seen.add(pair)
+                lines.append("\t".join(pair))
+        if count > 50 * wanted["lines"]:
+            raise DataError(f"{path}: the demo lexicons give only {len(lines)} parallel sentences apart from the "
+                            f"study's captions; choose parallel.sizes of at most that")
+        count *= 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path, "\n".join(lines[:wanted["lines"]]) + "\n")
+    atomic.write_text(marker, json.dumps(wanted, sort_keys=True) + "\n")
+
+
+def _parallel_seed(study: StudyConfig) -> int:
+    spec = study.parallel
+    return spec.seed if spec.seed is not None else int(study.data.demo.get("seed", 0)) + 1
 
 
 def _demo_args(study: StudyConfig) -> dict:
@@ -54,15 +98,35 @@ def _demo_args(study: StudyConfig) -> dict:
 
 
 def check_budgets(study: StudyConfig, out: Path) -> None:
-    """Every budget must fit every language's pool; say so before hours of training."""
+    """Every budget must fit every language's pool, and every parallel size its file; say so
+    before hours of training."""
     from mlilt.data.pairs import read_pairs
 
-    for lang in study.languages:
+    wanted = {lang: list(study.budgets_of(lang)) for lang in study.languages}
+    for lang in (study.parallel.languages if study.parallel else []):
+        wanted[lang] = wanted.get(lang, []) + [b for b in study.parallel.with_pairs if b]
+    for lang, budgets in wanted.items():
+        if not budgets:
+            continue
         source = study.data.train_file(lang, demo_root(out))
         available = len(read_pairs(source, lang=lang, check_images=False))
-        too_big = [b for b in study.budgets if b > available]
+        too_big = sorted({b for b in budgets if b > available})
         if too_big:
             raise DataError(f"{source}: {available} pairs for {lang}, fewer than the budgets "
+                            f"{', '.join(map(str, too_big))} in {study.path}")
+    if study.parallel is not None:
+        _check_parallel_sizes(study, out)
+
+
+def _check_parallel_sizes(study: StudyConfig, out: Path) -> None:
+    from mlilt.data.parallel import read_parallel
+
+    for lang in study.parallel.languages:
+        source = study.parallel.file(lang, demo_root(out))
+        available = len(read_parallel(source))
+        too_big = [size for size in study.parallel.sizes if size > available]
+        if too_big:
+            raise DataError(f"{source}: {available} parallel pairs for {lang}, fewer than parallel.sizes "
                             f"{', '.join(map(str, too_big))} in {study.path}")
 
 
@@ -70,25 +134,46 @@ def is_done(study: StudyConfig, out: Path, cell: Cell) -> bool:
     return current_result(study, out, cell) is not None
 
 
+def pending_cells(study: StudyConfig, out: Path, force: bool = False) -> list[Cell]:
+    """Cells to run, in study order: those not done, and a done teacher whose kept pack is gone
+    while one of its students still has to learn from it."""
+    todo = [cell for cell in study.cells() if force or not is_done(study, out, cell)]
+    needed = {study.teacher_of(cell) for cell in todo if cell.parallel}
+    lost = {t for t in needed if t not in todo and not teacher_pack(study, out, t).is_dir()}
+    return [cell for cell in study.cells() if cell in todo or cell in lost]
+
+
 def run_study(study: StudyConfig, out: Path, jobs: int = 1, force: bool = False, log=print) -> StudyRun:
     prepare_data(study, out)
     check_budgets(study, out)
     run = StudyRun()
-    pending = []
-    for cell in study.cells():
-        if not force and is_done(study, out, cell):
-            run.done.append(cell.id)
-        else:
-            pending.append(cell)
+    pending = pending_cells(study, out, force)
+    run.done = [cell.id for cell in study.cells() if cell not in pending]
     log(f"{study.name}: {len(study.cells())} cells, {len(run.done)} already done, {len(pending)} to run "
         f"({jobs} at a time)")
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(jobs):
         slots.put(slot)
     interrupted = threading.Event()  # Ctrl-C reaches the cells too: launch nothing more
+    # A student starts once its teacher has finished; cells run in study order, teachers first,
+    # so a worker waiting on a teacher never holds up the teacher itself.
+    finished = {cell: threading.Event() for cell in pending}
 
     def launch(cell: Cell) -> None:
+        try:
+            _launch(cell)
+        finally:
+            finished[cell].set()
+
+    def _launch(cell: Cell) -> None:
+        teacher = study.teacher_of(cell)
+        if teacher in finished:
+            finished[teacher].wait()
         if interrupted.is_set():
+            return
+        if teacher is not None and teacher.id in run.failed:
+            run.failed[cell.id] = run.failed[teacher.id]
+            log(f"  FAILED {cell.id}: its teacher {teacher.id} failed")
             return
         slot = slots.get()
         try:
@@ -111,7 +196,26 @@ def run_study(study: StudyConfig, out: Path, jobs: int = 1, force: bool = False,
         except KeyboardInterrupt:
             interrupted.set()
             raise
+    if not interrupted.is_set():
+        release_teachers(study, out)
     return run
+
+
+def release_teachers(study: StudyConfig, out: Path) -> None:
+    """Delete kept teacher packs no pending student needs (unless keep_packs): the results are the
+    record, and a rerun that needs a teacher again retrains it."""
+    folder = out / "teachers"
+    if study.keep_packs or not folder.is_dir():
+        return
+    import shutil
+
+    needed = {teacher_pack(study, out, study.teacher_of(cell)) for cell in study.cells()
+              if cell.parallel and not is_done(study, out, cell)}
+    for kept in folder.iterdir():
+        if kept not in needed:
+            shutil.rmtree(kept)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _run_cell_process(study: StudyConfig, out: Path, cell: Cell, slot: int, jobs: int) -> tuple[int, Path]:
