@@ -260,4 +260,5 @@ def test_a_rerun_retrains_a_teacher_whose_pack_is_gone_before_its_pending_studen
     run = _mlilt("bench", "--config", str(study["config"]), "--out", str(out))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "6 already done, 2 to run" in run.stdout
+    assert "[1/2, " in run.stdout and "[2/2, " in run.stdout and "~0 s left]" in run.stdout  # overall progress
     assert pending_cells(config, out) == [] and not (out / "teachers").exists()

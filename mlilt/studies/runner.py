@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,7 @@ def run_study(study: StudyConfig, out: Path, jobs: int = 1, force: bool = False,
     # A student starts once its teacher has finished; cells run in study order, teachers first,
     # so a worker waiting on a teacher never holds up the teacher itself.
     finished = {cell: threading.Event() for cell in pending}
+    overall = _Overall(len(pending))
 
     def launch(cell: Cell) -> None:
         try:
@@ -185,10 +187,10 @@ def run_study(study: StudyConfig, out: Path, jobs: int = 1, force: bool = False,
             log(f"  interrupted {cell.id}: finished cells are kept; rerun to continue")
         elif code == 0:
             run.ran.append(cell.id)
-            log(f"  done   {cell.id}  {_headline(current_result(study, out, cell), cell)}")
+            log(f"  done   {cell.id}  {_headline(current_result(study, out, cell), cell)}  {overall.step()}")
         else:
             run.failed[cell.id] = str(log_file)
-            log(f"  FAILED {cell.id} (exit {code}); see {log_file}")
+            log(f"  FAILED {cell.id} (exit {code}); see {log_file}  {overall.step()}")
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         try:
@@ -199,6 +201,26 @@ def run_study(study: StudyConfig, out: Path, jobs: int = 1, force: bool = False,
     if not interrupted.is_set():
         release_teachers(study, out)
     return run
+
+
+class _Overall:
+    """The study's progress as a whole: cells finished of those to run, time so far, time left
+    at the pace so far."""
+
+    def __init__(self, total: int):
+        self.total, self.finished, self.started = total, 0, time.monotonic()
+        self.lock = threading.Lock()
+
+    def step(self) -> str:
+        with self.lock:
+            self.finished += 1
+            elapsed = time.monotonic() - self.started
+            left = elapsed / self.finished * (self.total - self.finished)
+            return f"[{self.finished}/{self.total}, {_minutes(elapsed)} so far, ~{_minutes(left)} left]"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def release_teachers(study: StudyConfig, out: Path) -> None:
