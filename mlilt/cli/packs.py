@@ -1,6 +1,7 @@
-"""``mlilt packs ...``: list, inspect, verify, push and pull language packs."""
+"""``mlilt packs ...``: list, inspect, verify, export, push and pull language packs."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,7 +10,7 @@ from rich.table import Table
 
 from mlilt.cli.common import console, user_errors
 
-app = typer.Typer(help="List, inspect, verify, push and pull language packs.", no_args_is_help=True)
+app = typer.Typer(help="List, inspect, verify, export, push and pull language packs.", no_args_is_help=True)
 
 
 @app.command("list")
@@ -57,6 +58,30 @@ def verify_command(pack: Annotated[str, typer.Argument(help="Pack folder or inde
 
     model = mlilt.load(pack)
     console.print(f"[green]ok:[/] {pack} loads onto its towers ({', '.join(model.languages)})")
+
+
+class ExportFormat(str, Enum):
+    sentence_transformers = "sentence-transformers"
+    peft = "peft"
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    pack: Annotated[str, typer.Argument(help="Pack folder or indexed name.")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="sentence-transformers: the text side as a "
+                                                 "SentenceTransformer folder; peft: a PEFT adapter.")],
+    out: Annotated[Path, typer.Option(help="Folder to write (must not exist, or be empty).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export in --out.")] = False,
+):
+    """Write a pack's text side in another library's format (docs/export.md)."""
+    from mlilt.export import export_pack
+
+    written = export_pack(pack, format.value, out, overwrite=overwrite)
+    console.print(f"[green]exported:[/] {pack} as {format.value} to {written}", highlight=False, soft_wrap=True)
+    if format is ExportFormat.sentence_transformers:
+        console.print(f'load it with SentenceTransformer("{written}", trust_remote_code=True) (needs mlilt)',
+                      highlight=False, soft_wrap=True)
 
 
 @app.command("push")
