@@ -11,24 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_towers import run_mlilt as _mlilt, save_tiny_tower_folders as _save_towers
 from PIL import Image
 
 METHODS = ["ln", "full"]
 BUDGETS = [24, 48]
-
-
-def _save_towers(folder: Path) -> tuple[str, str]:
-    from transformers import ViTImageProcessor
-
-    from tiny_towers import tiny_hf_vit, tiny_text_tower
-
-    text, image = tiny_text_tower(), tiny_hf_vit()
-    text.model.save_pretrained(folder / "text")
-    text.tokenizer.save_pretrained(folder / "text")
-    image.model.save_pretrained(folder / "image")
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                      do_center_crop=False).save_pretrained(folder / "image")
-    return str(folder / "text"), str(folder / "image")
 
 
 def _config(folder: Path, towers: tuple[str, str], **changes) -> Path:
@@ -41,12 +28,6 @@ def _config(folder: Path, towers: tuple[str, str], **changes) -> Path:
     path = folder / f"{config['name']}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
-
-
-def _mlilt(*args: str, threads: int = 1) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    return subprocess.run([sys.executable, "-m", "mlilt", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from mlilt.cli import app
 from mlilt.evaluation.evaluate import evaluate
 from tiny_towers import train_tiny_pack
 
-clip_benchmark = pytest.importorskip("clip_benchmark")
 pytestmark = pytest.mark.usefixtures("one_thread", "tiny_cnn_towers")
 runner = CliRunner()
 WORDS = "duara nyekundu mraba bluu kubwa ndogo na".split()

@@ -5,13 +5,11 @@ cell ids and order, the demo parallel sentences, and a real tiny study run by ``
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tiny_towers import run_mlilt as _mlilt, save_tiny_tower_folders as _save_towers
 
 from mlilt.errors import UsageError
 from mlilt.studies import load_study
@@ -153,26 +151,6 @@ def test_verdicts_tell_a_real_difference_from_seed_noise():
 
 
 # --------------------------------------------------------------------------- a real tiny study
-
-
-def _save_towers(folder: Path) -> tuple[str, str]:
-    from transformers import ViTImageProcessor
-
-    from tiny_towers import tiny_hf_vit, tiny_text_tower
-
-    text, image = tiny_text_tower(), tiny_hf_vit()
-    text.model.save_pretrained(folder / "text")
-    text.tokenizer.save_pretrained(folder / "text")
-    image.model.save_pretrained(folder / "image")
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                      do_center_crop=False).save_pretrained(folder / "image")
-    return str(folder / "text"), str(folder / "image")
-
-
-def _mlilt(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "mlilt", *args], capture_output=True, text=True, env=env,
-                          timeout=900)
 
 
 @pytest.fixture(scope="module")

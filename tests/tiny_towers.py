@@ -139,3 +139,28 @@ def train_tiny_pack(root, lang: str = "sw", **overrides):
                     text_tower="tiny-bert-0", image_tower="tiny-timm-cnn", embed_dim=16, epochs=1, batch_size=8,
                     method="ln", checkpoint_every=0)
     return train(TrainConfig(**{**settings, **overrides})).pack
+
+
+def save_tiny_tower_folders(folder) -> tuple[str, str]:
+    """Tiny BERT and tiny HF ViT saved as Hugging Face folders (towers a subprocess can load):
+    their (text, image) specs."""
+    from transformers import ViTImageProcessor
+
+    text, image = tiny_text_tower(), tiny_hf_vit()
+    text.model.save_pretrained(folder / "text")
+    text.tokenizer.save_pretrained(folder / "text")
+    image.model.save_pretrained(folder / "image")
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      do_center_crop=False).save_pretrained(folder / "image")
+    return str(folder / "text"), str(folder / "image")
+
+
+def run_mlilt(*args: str, threads: int = 1, timeout: int = 900):
+    """``python -m mlilt ARGS`` in a new process with ``threads`` OpenMP threads."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.run([sys.executable, "-m", "mlilt", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from mlilt.errors import PackError
-from mlilt.modeling.factory import build_sides, load_state_strict
 from mlilt.modeling.model import SideEncoder
-from mlilt.packs import PACK_CONFIG, PACK_TENSORS, Pack, check_tower, read_pack
+from mlilt.packs import PACK_CONFIG, PACK_TENSORS, Pack, read_pack
 from mlilt.towers.hf_text import HFTextTower, load_hf_text, tokenizer_digest
 
 try:  # sentence-transformers 5.x and 6.x
@@ -113,14 +112,9 @@ class MliltTextSide(InputModule):
 
 def text_side_on(pack: Pack, tower: HFTextTower) -> SideEncoder:
     """``mlilt.speed.text_side_of`` on a tower given here (not the registry's): what ``mlilt.load`` serves."""
-    from mlilt.speed.packed import use_padding_free
+    from mlilt.speed import text_side_of
 
-    check_tower(pack, "text", tower.fingerprint(), tower.spec)
-    sides, _ = build_sides({"text": tower}, pack.config.method, pack.config.embed_dim, strict=False)
-    load_state_strict(sides["text"], pack.side_tensors("text"), f"{pack.path} (text side)")
-    sides["text"].freeze()
-    use_padding_free(sides["text"].tower)
-    return sides["text"]
+    return text_side_of(pack, tower)
 
 
 # ---- the module's folder

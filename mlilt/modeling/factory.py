@@ -63,10 +63,11 @@ def image_side_of(pack: Pack, tower=None) -> SideEncoder:
     return sides["image"]
 
 
-def text_side_of(pack: Pack) -> SideEncoder:
+def text_side_of(pack: Pack, tower=None) -> SideEncoder:
+    """The text side a pack defines, rebuilt on its text tower (``tower``, else the registry's) and frozen."""
     info = pack.config.towers["text"]
-    tower = load_text_tower(info["spec"], **info.get("options", {}))
-    check_tower(pack, "text", tower.fingerprint(), info["spec"])
+    tower = tower or load_text_tower(info["spec"], **info.get("options", {}))
+    check_tower(pack, "text", tower.fingerprint(), tower.spec)
     sides, _ = build_sides({"text": tower}, pack.config.method, pack.config.embed_dim, strict=False)
     load_state_strict(sides["text"], pack.side_tensors("text"), f"{pack.path} (text side)")
     sides["text"].freeze()

@@ -59,11 +59,11 @@ def plain_layout(tower) -> None:
     tower.model.to(memory_format=torch.contiguous_format)
 
 
-def text_side_of(pack):
+def text_side_of(pack, tower=None):
     """The pack's text side (``mlilt.modeling.factory.text_side_of``), run padding-free."""
     from mlilt.modeling.factory import text_side_of as plain_text_side_of
     from mlilt.speed.packed import use_padding_free
 
-    side = plain_text_side_of(pack)
+    side = plain_text_side_of(pack, tower)
     use_padding_free(side.tower)
     return side

