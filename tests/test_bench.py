@@ -100,7 +100,79 @@ def test_report_numbers_come_from_the_cells(study):
     table_row = next(line for line in report.splitlines() if line.startswith("| `ln` |"))
     expected = [f"{results[f'{lang}_ln_n{b}_s0']['eval'][lang]['metrics']['mean_recall']:.1f}"
                 for lang in ("en",) for b in BUDGETS]
-    assert table_row == "| `ln` | " + " | ".join(expected) + " |"
+    share = f"{results['en_ln_n24_s0']['trainable']['percent']:.3f}"
+    assert table_row == f"| `ln` | {share} | " + " | ".join(expected) + " |"
+
+
+def _claim_rows(report: str) -> list[list[str]]:
+    section = report.split("## Claims", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| LilT")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_no_claim_is_called_supported_on_one_seed(study):
+    rows = _claim_rows((study["out"] / "report.md").read_text())
+    assert len(rows) == 5
+    for row in rows:
+        assert row[-1] in ("**within noise (one seed)**",) or row[-1].startswith("not measured"), row
+
+
+@pytest.fixture(scope="module")
+def two_seeds(study, tmp_path_factory):
+    """The tiny study with a second seed added: the runner trains only the new seed's cells."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("two-seeds")
+    out = folder / "out"
+    shutil.copytree(study["out"], out)
+    config = _config(folder, study["towers"], seeds=[0, 1])
+    run = _mlilt("bench", "--config", str(config), "--out", str(out), "--jobs", "2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "4 already done, 4 to run" in run.stdout
+    return {"out": out, "report": (out / "report.md").read_text()}
+
+
+def test_claims_follow_the_stated_rule_from_each_seeds_numbers(two_seeds):
+    """The first claim (< 7% matches full) recomputed from the cell files by the rule the report states."""
+    import math
+    import statistics
+
+    results = _results(two_seeds["out"])
+    top = max(BUDGETS)
+    ln = [results[f"en_ln_n{top}_s{s}"]["eval"]["en"]["metrics"]["mean_recall"] for s in (0, 1)]
+    full = [results[f"en_full_n{top}_s{s}"]["eval"]["en"]["metrics"]["mean_recall"] for s in (0, 1)]
+    d = statistics.fmean(ln) - statistics.fmean(full)
+    s = math.sqrt((statistics.stdev(ln) ** 2 + statistics.stdev(full) ** 2) / 2)
+    word = "not supported" if d < -s else "supported"
+    first = _claim_rows(two_seeds["report"])[0]
+    assert first[1].startswith(f"`ln` {statistics.fmean(ln):.1f} ± {statistics.stdev(ln):.1f} vs `full` "
+                               f"{statistics.fmean(full):.1f} ± {statistics.stdev(full):.1f}")
+    assert first[2].startswith(f"d = {d:+.1f}") and first[3] == f"s = {s:.1f}" and first[4] == f"**{word}**"
+    assert "Rule: d = method − reference" in two_seeds["report"]
+
+
+def test_the_report_lists_every_seed_and_recall_at_equal_time(two_seeds):
+    results = _results(two_seeds["out"])
+    report = two_seeds["report"]
+    seeds_row = next(line for line in report.split("### Every seed", 1)[1].splitlines() if line.startswith("| `ln`"))
+    values = [f"{results[f'en_ln_n{b}_s{s}']['eval']['en']['metrics']['mean_recall']:.1f}" for b in BUDGETS
+              for s in (0, 1)]
+    assert seeds_row == f"| `ln` | {values[0]}, {values[1]} | {values[2]}, {values[3]} |"
+    timed = report.split("## At a fixed time budget", 1)[1]
+    assert "T ≈" in timed and "| `full` |" in timed and "±" in timed
+
+
+def test_the_claims_rule_has_three_outcomes_and_never_supports_one_seed():
+    from mlilt.studies.claims import judge
+    from mlilt.studies.results import stat
+
+    reference = stat([50.0, 52.0, 54.0])  # 52 ± 2
+    assert judge(stat([60.0, 61.0, 62.0]), reference, "better").word == "supported"
+    assert judge(stat([40.0, 41.0, 42.0]), reference, "better").word == "not supported"
+    assert judge(stat([52.0, 53.0, 54.0]), reference, "better").word == "within noise"
+    assert judge(stat([50.0, 51.0, 52.0]), reference, "matches").word == "supported"
+    assert judge(stat([40.0, 41.0, 42.0]), reference, "matches").word == "not supported"
+    assert judge(stat([90.0]), stat([10.0]), "better").word == "within noise (one seed)"
 
 
 def test_rerun_skips_done_cells(study):

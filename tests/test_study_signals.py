@@ -215,7 +215,7 @@ def test_results_and_report_group_cells_by_signal(study):
     assert "plots/recall_vs_parallel.png" in report and (out / "plots" / "recall_vs_parallel.png").stat().st_size > 0
     # students never reach the tables of pairs-only cells
     table = next(line for line in report.splitlines() if line.startswith("| `ln` |"))
-    assert table.count("|") == 4  # method, en n=24, sw n=16
+    assert table.count("|") == 5  # method, trainable %, en n=24, sw n=16
 
 
 def test_a_student_without_its_teachers_pack_says_which_cell_to_run(study):

@@ -17,6 +17,8 @@ SPEED_PATHS = {
     "channels-last": "convolutional image towers run in channels-last memory layout",
     "lean-backward": "frozen convolutions and BatchNorm+ReLU6 keep less for the backward pass",
     "math-attention": "under --bf16 on a CPU, attention runs PyTorch's math kernel, not the flash kernel",
+    "text-prefix-cache": "when only the top text blocks train (top:K, unlock:K), the blocks below them run once per "
+                         "sentence",
 }
 
 

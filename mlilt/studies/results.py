@@ -79,6 +79,11 @@ def group(rows: list[dict], value: str, *keys: str) -> dict[tuple, Stat]:
     return {key: stat(values) for key, values in buckets.items()}
 
 
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
 def own_language(rows: list[dict]) -> list[dict]:
     return [row for row in rows if not row["transfer"]]
 
@@ -88,7 +93,7 @@ def plain(rows: list[dict]) -> list[dict]:
     return [row for row in rows if not row["parallel"]]
 
 
-def load_histories(study: StudyConfig, out: Path, budget: int) -> dict[tuple, list[dict]]:
-    """Per-epoch training history of each finished cell at ``budget``: (method, lang, seed) -> rows."""
-    return {(cell.method, cell.lang, cell.seed): result["history"] for cell, result in finished(study, out)
-            if cell.budget == budget and not cell.parallel}
+def load_histories(study: StudyConfig, out: Path) -> dict[tuple, list[dict]]:
+    """Per-epoch training history of each finished pairs-only cell: (method, lang, budget, seed) -> rows."""
+    return {(cell.method, cell.lang, cell.budget, cell.seed): result["history"]
+            for cell, result in finished(study, out) if not cell.parallel}

@@ -12,7 +12,7 @@ distinguishable from seed noise.
 from __future__ import annotations
 
 from mlilt.studies.config import StudyConfig
-from mlilt.studies.results import Stat, group
+from mlilt.studies.results import Stat, group, markdown_table
 
 MR = "mean_recall"
 R1 = "image_retrieval_recall@1"
@@ -70,7 +70,7 @@ def _lang_section(study: StudyConfig, lang: str, method: str, signals: dict) -> 
             pairs = f"0 ({spec.teacher_budget} {spec.teacher_lang})" if key == "d" else str(budget)
             body.append([label, pairs, str(size) if size else "–", str(stats[MR]), str(stats[R1]),
                          str(stats[MR].n)])
-    table = _table(["signal", f"{lang} image-caption pairs", "parallel sentences", "mean recall",
+    table = markdown_table(["signal", f"{lang} image-caption pairs", "parallel sentences", "mean recall",
                     "text→image R@1", "seeds"], body)
     return (f"### {lang}, `{method}`\n\n" + table + "\n\n" + "\n".join(_verdicts(study, lang, signals)))
 
@@ -138,6 +138,3 @@ def _compare(mine: Stat, theirs: Stat, name: str) -> str:
         f"below {name} ({mine.mean - theirs.mean:+.1f})"
 
 
-def _table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])

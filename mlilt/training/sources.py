@@ -1,7 +1,8 @@
 """Embeddings of a batch of captions or images, through caches when what runs is frozen.
 
 Frozen means cached: when no image-tower weight trains, image features come from the feature
-cache and the image tower never runs after the first pass.
+cache and the image tower never runs after the first pass; when only the top text blocks
+train, the hidden states below them are kept per sentence (``mlilt.speed.text_cache``).
 """
 from __future__ import annotations
 
@@ -19,12 +20,17 @@ from mlilt.data.split import Split
 
 
 class TextSource:
-    """Caption embeddings of a split's captions, tokenized once."""
+    """Embeddings of a split's captions (or sentences), tokenized once; with ``prefix_cache``
+    the frozen lower text blocks run once per sentence when the method allows it."""
 
-    def __init__(self, encoder: SideEncoder, device: torch.device = torch.device("cpu")):
+    def __init__(self, encoder: SideEncoder, device: torch.device = torch.device("cpu"), prefix_cache: bool = False):
+        from mlilt.speed.text_cache import PrefixCache, cut_point
+
         self.encoder = encoder
         self.device = device
         self.tokens: dict[str, TokenizedTexts] = {}
+        cut = cut_point(encoder.tower) if prefix_cache else None
+        self.cache = PrefixCache(encoder.tower, cut) if cut is not None else None
 
     def prepare(self, train_split: Split, val_split: Split) -> None:
         """Every caption tokenized once. The tokenizer is then handed back for the rest of the
@@ -37,6 +43,9 @@ class TextSource:
 
     def embed(self, name: str, split: Split, indices: list[int]) -> torch.Tensor:
         tokens = self.tokenized(name, split)
+        if self.cache is not None:
+            return self.encoder.project(self.cache.features(name, indices, tokens, self.device))
+
         def run(group: list[int]) -> torch.Tensor:
             input_ids, attention_mask = tokens.batch([indices[i] for i in group])
             return self.encoder(input_ids.to(self.device), attention_mask.to(self.device))
@@ -47,6 +56,10 @@ class TextSource:
         if lengths is None or getattr(self.encoder.tower, "runs_padding_free", False):
             return run(list(range(len(indices))))
         return run_in_length_groups(lengths, run)  # same embeddings, less padding
+
+    def describe(self) -> str | None:
+        """What the prefix cache holds; None when the run has none (nothing to report)."""
+        return self.cache.describe() if self.cache is not None else None
 
     def tokenized(self, name: str, split: Split) -> TokenizedTexts:
         """The captions of ``split`` (called ``name``), tokenized on first use."""

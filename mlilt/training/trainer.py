@@ -24,6 +24,7 @@ import torch
 from mlilt.errors import UsageError
 from mlilt.methods import MethodReport
 from mlilt.packs import check_pack_destination, save_pack
+from mlilt.speed import parse_speed_paths
 from mlilt.training import distributed
 from mlilt.training.assemble import build_model
 from mlilt.training.callbacks import Callback, Callbacks
@@ -82,7 +83,8 @@ class Trainer:
         self.hooks.on_model_built(model, report)
         model.to(ranks.device)
         images = ImageSource(model.image, config, ranks.device)
-        texts = TextSource(model.text, ranks.device)
+        texts = TextSource(model.text, ranks.device,
+                           prefix_cache="text-prefix-cache" in parse_speed_paths(config.speed_paths))
         warn_slow_bf16(config.bf16, ranks.device, console)
         distill = None
         if teacher is not None:
