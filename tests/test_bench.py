@@ -269,3 +269,17 @@ def test_interrupt_keeps_finished_cells_and_a_rerun_finishes_the_rest(study, tmp
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"{len(done)} already done, {4 - len(done)} to run" in run.stdout
     assert len(_results(out)) == 4
+
+
+def test_a_seed_still_running_does_not_count_towards_a_claim():
+    """A study stopped mid-seed: a seed's mean must be over the same cells as the others'."""
+    from mlilt.studies.claims import per_seed
+
+    def row(seed, budget, value):
+        return {"method": "ln", "train_lang": "sw", "eval_lang": "sw", "budget": budget, "seed": seed, "v": value}
+
+    rows = [row(0, 100, 40.0), row(0, 500, 80.0), row(1, 100, 50.0), row(1, 500, 90.0), row(2, 100, 10.0)]
+    both = per_seed(rows, lambda r: r["v"], lambda r: True)
+    assert (both.mean, both.n) == (65.0, 2)  # seeds 0 and 1 (60, 70); seed 2 has only one of the two cells
+    small = per_seed(rows, lambda r: r["v"], lambda r: r["budget"] == 100)
+    assert small.n == 3 and small.mean == pytest.approx(100 / 3)

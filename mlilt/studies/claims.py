@@ -68,14 +68,23 @@ class Claim:
 
 
 def per_seed(rows: list[dict], value: Callable[[dict], float | None], keep: Callable[[dict], bool]) -> Stat | None:
-    """The mean of ``value`` over the kept rows of each seed, then their mean ± std over seeds."""
-    by_seed: dict[int, list[float]] = {}
+    """The mean of ``value`` over the kept rows of each seed, then their mean ± std over seeds.
+
+    Only seeds that have every cell any seed has count (a study still running has whole seeds
+    and a part of the next): a seed's mean is then always over the same cells."""
+    by_seed: dict[int, dict[tuple, float]] = {}
     for row in rows:
         if keep(row) and value(row) is not None:
-            by_seed.setdefault(row["seed"], []).append(float(value(row)))
-    if not by_seed:
+            by_seed.setdefault(row["seed"], {})[_cell_key(row)] = float(value(row))
+    cells = set().union(*(values.keys() for values in by_seed.values())) if by_seed else set()
+    whole = [values for _seed, values in sorted(by_seed.items()) if values.keys() == cells]
+    if not whole:
         return None
-    return stat([statistics.fmean(values) for _seed, values in sorted(by_seed.items())])
+    return stat([statistics.fmean(values.values()) for values in whole])
+
+
+def _cell_key(row: dict) -> tuple:
+    return tuple(row.get(key) for key in ("method", "train_lang", "eval_lang", "budget"))
 
 
 def efficient_method(study: StudyConfig, shares: dict[str, float], below: float) -> str | None:
@@ -111,7 +120,8 @@ def claims(study: StudyConfig, rows: list[dict], reached: dict[tuple, float]) ->
     scarce = lambda r: r["budget"] == smallest  # noqa: E731
     away = [r for r in rows if r["transfer"]]
     quarter = _scaled(recall(base, at_top), 0.75)
-    timed = [{"method": m, "seed": s, "value": v} for (m, _l, _b, s), v in reached.items()]
+    timed = [{"method": m, "train_lang": lang, "eval_lang": lang, "budget": b, "seed": s, "value": v}
+             for (m, lang, b, s), v in reached.items()]
     in_time = lambda m: per_seed(timed, lambda r: r["value"], lambda r: r["method"] == m)  # noqa: E731
     tops = ", ".join(f"{lang} n={n}" for lang, n in top.items())
     return [

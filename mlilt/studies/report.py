@@ -254,10 +254,11 @@ def _time_section(study: StudyConfig, reached: dict[tuple, float], limits: dict[
         return ""
     columns = sorted({(lang, budget) for (_m, lang, budget, _s) in reached}, key=lambda c: (
         study.languages.index(c[0]) if c[0] in study.languages else len(study.languages), c[1]))
-    flat = [{"method": m, "lang": lang, "budget": b, "seed": s, "value": v} for (m, lang, b, s), v in reached.items()]
+    flat = [{"method": m, "train_lang": lang, "eval_lang": lang, "budget": b, "seed": s, "value": v}
+            for (m, lang, b, s), v in reached.items()]
     header = ["method"] + [f"{lang} n={b} (T ≈ {_mean_limit(limits, lang, b):.0f} s)" for lang, b in columns]
     body = [[f"`{m}`"] + [str(per_seed(flat, lambda r: r["value"], lambda r, m=m, c=c: (
-        r["method"], r["lang"], r["budget"]) == (m, *c)) or "–") for c in columns]
+        r["method"], r["train_lang"], r["budget"]) == (m, *c)) or "–") for c in columns]
             for m in study.methods if any(key[0] == m for key in reached)]
     return ("## At a fixed time budget\n\nT is the shorter of the parameter-efficient method's and the baseline's "
             "training steps (per language, budget and seed; its mean over seeds in the header). Each cell is "
