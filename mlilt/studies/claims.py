@@ -87,28 +87,37 @@ def _cell_key(row: dict) -> tuple:
     return tuple(row.get(key) for key in ("method", "train_lang", "eval_lang", "budget"))
 
 
-def efficient_method(study: StudyConfig, shares: dict[str, float], below: float) -> str | None:
+def shares_of(rows: list[dict]) -> dict[str, float]:
+    """Each method's trainable share of the towers, in %."""
+    return {row["method"]: row["trainable_percent"] for row in rows}
+
+
+def _under(study: StudyConfig, shares: dict[str, float], below: float) -> list[str]:
+    return [m for m in study.methods if m != study.baseline and m in shares and shares[m] < below]
+
+
+def efficient_method(study: StudyConfig, shares: dict[str, float], below: float = 7.0) -> str | None:
     """The method a "< ``below`` % of parameters" claim is about: mlilt's default (LilT's recipe)
     when it trains few enough, else the first such method in the study's list — chosen by name
     and share, never by its results."""
-    fits = [m for m in study.methods if m != study.baseline and m in shares and shares[m] < below]
+    fits = _under(study, shares, below)
     return DEFAULT_METHOD if DEFAULT_METHOD in fits else (fits[0] if fits else None)
 
 
-def norm_method(study: StudyConfig, shares: dict[str, float], below: float) -> str | None:
+def norm_method(study: StudyConfig, shares: dict[str, float], below: float = 1.0) -> str | None:
     """LayerNorm alone (``ln``, or ``ln`` on one side) when the study has it, else the first
     method under ``below`` %."""
-    fits = [m for m in study.methods if m != study.baseline and m in shares and shares[m] < below]
+    fits = _under(study, shares, below)
     alone = [m for m in fits if all(part.name == "ln" for part in parse_method(m))]
     return (alone or fits or [None])[0]
 
 
-def claims(study: StudyConfig, rows: list[dict], reached: dict[tuple, float]) -> list[Claim]:
-    """LilT's five claims, answered from the finished cells. ``reached``: (method, lang, budget,
-    seed) -> held-out recall within the fixed time budget (``report.equal_time``)."""
+def claims(study: StudyConfig, rows: list[dict], timed: list[dict]) -> list[Claim]:
+    """LilT's five claims, answered from the finished cells. ``timed``: one row per cell with
+    its held-out recall within the fixed time budget as ``value`` (``report.equal_time``)."""
     base = study.baseline
-    shares = {row["method"]: row["trainable_percent"] for row in rows}
-    efficient, norm = efficient_method(study, shares, 7.0), norm_method(study, shares, 1.0)
+    shares = shares_of(rows)
+    efficient, norm = efficient_method(study, shares), norm_method(study, shares)
     own = own_language(rows)
     top = {lang: max(study.budgets_of(lang)) for lang in study.languages}
     smallest = min(study.budgets)
@@ -119,9 +128,7 @@ def claims(study: StudyConfig, rows: list[dict], reached: dict[tuple, float]) ->
     at_top = lambda r: r["budget"] == top.get(r["train_lang"])  # noqa: E731
     scarce = lambda r: r["budget"] == smallest  # noqa: E731
     away = [r for r in rows if r["transfer"]]
-    quarter = _scaled(recall(base, at_top), 0.75)
-    timed = [{"method": m, "train_lang": lang, "eval_lang": lang, "budget": b, "seed": s, "value": v}
-             for (m, lang, b, s), v in reached.items()]
+    three_quarters = _scaled(recall(base, at_top), 0.75)
     in_time = lambda m: per_seed(timed, lambda r: r["value"], lambda r: r["method"] == m)  # noqa: E731
     tops = ", ".join(f"{lang} n={n}" for lang, n in top.items())
     return [
@@ -129,7 +136,7 @@ def claims(study: StudyConfig, rows: list[dict], reached: dict[tuple, float]) ->
               recall(efficient, at_top), recall(base, at_top), "matches", f"own language, {tops}",
               _missing(efficient, base, "a method under 7% of the towers")),
         Claim("LayerNorm alone (< 1%) reaches about 75% of full training", norm, f"0.75 × `{base}`",
-              recall(norm, at_top), quarter, "matches", f"own language, {tops}",
+              recall(norm, at_top), three_quarters, "matches", f"own language, {tops}",
               _missing(norm, base, "a LayerNorm (or other < 1%) method")),
         Claim("Knowledge is conserved: cross-lingual transfer is better than full training's", efficient,
               f"`{base}`", recall(efficient, at_top, away), recall(base, at_top, away), "better",
@@ -157,10 +164,10 @@ def _missing(method: str | None, base: str | None, needs: str) -> str:
     return "" if method else f"the study has no {needs}"
 
 
-def claims_section(study: StudyConfig, rows: list[dict], reached: dict[tuple, float]) -> str:
+def claims_section(study: StudyConfig, rows: list[dict], timed: list[dict]) -> str:
     if not study.baseline or not rows:
         return ""
-    body = [claim.row() for claim in claims(study, rows, reached)]
+    body = [claim.row() for claim in claims(study, rows, timed)]
     header = ["LilT's claim", "the numbers (mean ± std over seeds)", "difference", "pooled spread", "verdict"]
     return ("## Claims\n\n" + markdown_table(header, body) +
             "\n\nRule: " + RULE + " Every number is per seed first (the mean over the cells named), then mean ± "

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from mlilt.files import atomic
-from mlilt.studies.claims import claims_section, efficient_method, judge, per_seed
+from mlilt.studies.claims import claims_section, efficient_method, judge, per_seed, shares_of
 from mlilt.studies.config import StudyConfig
 from mlilt.studies.results import group, load_histories, load_rows, markdown_table, own_language, plain, rows_csv
 
@@ -33,15 +33,15 @@ def render_report(study: StudyConfig, out: Path, rows: list[dict], plots: list[P
     cells_done = len({row["cell_id"] for row in rows})
     parts = [_header(study, out, cells_done)]
     pairs_only = plain(rows)
-    reached, limits = equal_time(study, out, pairs_only) if pairs_only else ({}, {})
+    timed, limits = equal_time(study, out, pairs_only) if pairs_only else ([], {})
     if pairs_only:
-        parts += [claims_section(study, pairs_only, reached), _results_section(study, pairs_only),
+        parts += [claims_section(study, pairs_only, timed), _results_section(study, pairs_only),
                   _seeds_section(study, pairs_only), _cost_section(study, pairs_only),
                   _baseline_section(study, pairs_only), _scarce_section(study, pairs_only)]
     if rows:
         parts.append(signals_section(study, rows))
     if pairs_only:
-        parts += [_transfer_section(study, pairs_only), _time_section(study, reached, limits),
+        parts += [_transfer_section(study, pairs_only), _time_section(study, timed, limits),
                   _plots_section(plots, out)]
     return "\n\n".join(part for part in parts if part) + "\n"
 
@@ -224,17 +224,17 @@ def _retention_verdict(study: StudyConfig, retention: dict[str, list[float]]) ->
     return text
 
 
-def equal_time(study: StudyConfig, out: Path, rows: list[dict]) -> tuple[dict[tuple, float], dict[tuple, float]]:
+def equal_time(study: StudyConfig, out: Path, rows: list[dict]) -> tuple[list[dict], dict[tuple, float]]:
     """Recall at equal training time: for each language, budget and seed, T = the shorter of the
     parameter-efficient method's and the baseline's training steps (``claims.efficient_method``),
     and each method's best held-out recall among the epochs that ended within T.
 
-    Returns ((method, lang, budget, seed) -> recall within T, (lang, budget, seed) -> T)."""
+    Returns one row per cell (method, train_lang, eval_lang, budget, seed and the recall within T
+    as ``value``, the shape ``claims.per_seed`` reads) and (lang, budget, seed) -> T."""
     histories = load_histories(study, out)
-    shares = {row["method"]: row["trainable_percent"] for row in rows}
-    efficient, base = efficient_method(study, shares, 7.0), study.baseline
+    efficient, base = efficient_method(study, shares_of(rows)), study.baseline
     finish = {key: sum(r["seconds"] for r in h if r["epoch"] >= 1) for key, h in histories.items()}
-    reached, limits = {}, {}
+    timed, limits = [], {}
     for (method, lang, budget, seed), history in histories.items():
         ends = [finish.get((m, lang, budget, seed)) for m in (efficient, base)]
         if None in ends:
@@ -245,21 +245,19 @@ def equal_time(study: StudyConfig, out: Path, rows: list[dict]) -> tuple[dict[tu
             elapsed += row["seconds"]
             if elapsed <= limit + 1e-9:
                 best = max(best, row["val"][MR])
-        reached[(method, lang, budget, seed)] = best
-    return reached, limits
+        timed.append({"method": method, "train_lang": lang, "eval_lang": lang, "budget": budget, "seed": seed,
+                      "value": best})
+    return timed, limits
 
 
-def _time_section(study: StudyConfig, reached: dict[tuple, float], limits: dict[tuple, float]) -> str:
-    if not reached:
+def _time_section(study: StudyConfig, timed: list[dict], limits: dict[tuple, float]) -> str:
+    if not timed:
         return ""
-    columns = sorted({(lang, budget) for (_m, lang, budget, _s) in reached}, key=lambda c: (
-        study.languages.index(c[0]) if c[0] in study.languages else len(study.languages), c[1]))
-    flat = [{"method": m, "train_lang": lang, "eval_lang": lang, "budget": b, "seed": s, "value": v}
-            for (m, lang, b, s), v in reached.items()]
+    columns = [col for col in _columns(study) if any((r["train_lang"], r["budget"]) == col for r in timed)]
     header = ["method"] + [f"{lang} n={b} (T ≈ {_mean_limit(limits, lang, b):.0f} s)" for lang, b in columns]
-    body = [[f"`{m}`"] + [str(per_seed(flat, lambda r: r["value"], lambda r, m=m, c=c: (
+    body = [[f"`{m}`"] + [str(per_seed(timed, lambda r: r["value"], lambda r, m=m, c=c: (
         r["method"], r["train_lang"], r["budget"]) == (m, *c)) or "–") for c in columns]
-            for m in study.methods if any(key[0] == m for key in reached)]
+            for m in study.methods if any(r["method"] == m for r in timed)]
     return ("## At a fixed time budget\n\nT is the shorter of the parameter-efficient method's and the baseline's "
             "training steps (per language, budget and seed; its mean over seeds in the header). Each cell is "
             "the best held-out mean recall (the budget's held-out part, checked at epoch ends; the untrained "

@@ -66,15 +66,14 @@ class Loop:
         size = min(config.batch_size, self.parts.epoch_items())
         with self.progress.task("training", self.steps_per_epoch * config.epochs * size,
                                 completed=state.step * size) as advance:
-            reported = False
+            first = state.epoch
             while state.epoch <= config.epochs:
                 self._epoch(state, advance)
                 self.progress.log_epoch(state.history[-1])
                 self.hooks.on_epoch_end(state.history[-1])
-                cache_line = None if reported else self.parts.texts.describe()  # once the first epoch filled it
+                cache_line = self.parts.texts.describe() if state.epoch == first + 1 else None  # the first filled it
                 if cache_line:
                     self.progress.note(cache_line)
-                reported = True
         return state
 
     def _resuming(self) -> bool:
